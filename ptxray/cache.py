@@ -1,0 +1,369 @@
+"""The decode-once Parquet cache: its layout, how rows are built, and how it is read without Ray.
+
+A K-fold x grid sweep must read and decode every DICOM exactly once. `ptxray prepare` (the Ray
+Data wiring lives in `ray_data.py`) turns each DICOM into one Parquet row with the preprocessed
+channel stack and the mask at training resolution; every trial then streams this cache.
+
+Layout under the cache root (a folder or an s3:// prefix):
+
+    <root>/<key>/manifest.json          written LAST; the only thing a reader trusts
+    <root>/<key>/<parts>/data/*.parquet  one row per listed file (quarantined files: error set, no image)
+    <root>/<key>/<parts>/index.parquet   light columns of the usable images, with their fold
+    <root>/<key>/<parts>/summary.json
+
+`key` hashes the preprocessing and fold settings, the DICOM listing (relative path + size) and
+the label file's bytes, so a second prepare over the same inputs finds the manifest and decodes
+nothing. `parts` is unique per attempt: an interrupted attempt leaves a folder that no manifest
+names, which readers never look at and the next attempt removes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ptxray import storage
+from ptxray.config import Config, PreprocessConfig, section_hash
+from ptxray.dicom import DicomError, read_dicom
+from ptxray.folds import assign_folds
+from ptxray.masks import Labels, RleError
+from ptxray.preprocess import channels_from_config, resize_mask
+
+CACHE_FORMAT_VERSION = 1
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# Image and mask are stored as raw uint8 bytes with their shape beside them: Arrow's fixed-shape
+# tensor type would do too, but raw binary reads back with np.frombuffer (zero-copy) in any pyarrow.
+ROW_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("path", pa.string()),
+        ("error", pa.string()),  # null for a usable image; the quarantine reason otherwise
+        ("labelled", pa.bool_()),
+        ("label", pa.int8()),  # 1 = pneumothorax present
+        ("n_annotations", pa.int16()),
+        ("channels", pa.int16()),
+        ("size", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("sex", pa.string()),
+        ("age", pa.int16()),
+        ("view_position", pa.string()),
+        ("pixel_spacing_mm", pa.float32()),
+        ("image", pa.binary()),  # uint8 (C, size, size), C order
+        ("mask", pa.binary()),  # uint8 (size, size) in {0, 1}
+    ]
+)
+LIGHT_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("image", "mask")]
+
+
+class CacheError(ValueError):
+    pass
+
+
+def settings_fingerprint(cfg: Config) -> dict[str, Any]:
+    """Everything besides the inputs that changes what the cache holds."""
+    d = cfg.data
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "preprocess": cfg.preprocess,
+        "rle_scheme": d.rle_scheme,
+        "num_folds": d.num_folds,
+        "fold_seed": d.fold_seed,
+        "holdout_fraction": d.holdout_fraction,
+        "unlabeled": d.unlabeled,
+    }
+
+
+def cache_key(cfg: Config, listing: Sequence[tuple[str, int]], labels_sha256: str) -> str:
+    s = settings_fingerprint(cfg)
+    return section_hash(s.pop("preprocess"), extra=[s, sorted(listing), labels_sha256])
+
+
+def list_dicoms(images_uri: str) -> tuple[Any, list[str], list[tuple[str, int]]]:
+    """(filesystem, paths for that filesystem, [(path relative to the root, size)]), sorted by path."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem_and_path(images_uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{images_uri}: no such folder or prefix")
+    if info.type == pafs.FileType.File:
+        entries = [info]
+    else:
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(
+        (e for e in entries if e.type == pafs.FileType.File and e.path.lower().endswith(DICOM_SUFFIXES)),
+        key=lambda e: e.path,
+    )
+    root_prefix = root.rstrip("/") + "/"
+    listing = [(e.path[len(root_prefix):] if e.path.startswith(root_prefix) else e.path, e.size) for e in files]
+    return fs, [e.path for e in files], listing
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    row = {name: None for name in ROW_SCHEMA.names}
+    row.update(values)
+    return row
+
+
+def build_row(
+    data: bytes, path: str, labels: Labels, pre: PreprocessConfig, rle_scheme: str = "siim", unlabeled: str = "skip"
+) -> dict[str, Any]:
+    """One DICOM's bytes -> one cache row. Never raises for bad input: the reason goes in `error`."""
+    try:
+        scan = read_dicom(data, path)
+    except DicomError as e:
+        return _row(path=path, error=str(e), image_id="", patient_id="", labelled=False)
+    h, w = scan.image.shape
+    labelled = scan.image_id in labels
+    base = dict(
+        image_id=scan.image_id,
+        patient_id=scan.patient_id,
+        path=path,
+        labelled=labelled,
+        orig_height=h,
+        orig_width=w,
+        sex=scan.sex,
+        age=scan.age,
+        view_position=scan.view_position,
+        pixel_spacing_mm=scan.pixel_spacing_mm[0] if scan.pixel_spacing_mm else None,
+    )
+    if not labelled and unlabeled == "skip":
+        # Counted in the summary and kept out of the index; no pixels are worth storing.
+        return _row(**base)
+    try:
+        mask = labels.mask(scan.image_id, h, w, rle_scheme) if labelled else np.zeros((h, w), np.uint8)
+    except RleError as e:
+        return _row(**{**base, "error": f"{path}: label: {e}"})
+    stack = channels_from_config(scan.image, pre)  # (C, S, S)
+    small_mask = resize_mask(mask, pre.image_size_px)  # (S, S)
+    return _row(
+        **base,
+        label=int(mask.any()),
+        n_annotations=len(labels.rles.get(scan.image_id, ())),
+        channels=stack.shape[0],
+        size=pre.image_size_px,
+        image=stack.tobytes(),
+        mask=small_mask.tobytes(),
+    )
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA)
+
+
+@dataclass
+class PreparedIndex:
+    index: pa.Table  # usable images: LIGHT_COLUMNS + fold
+    summary: dict[str, Any]
+
+
+def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
+    """From the light columns of all rows: quarantine, duplicates, label coverage and folds."""
+    rows = light.to_pylist()
+    quarantined = [{"path": r["path"], "reason": r["error"]} for r in rows if r["error"]]
+    good = [r for r in rows if not r["error"]]
+    seen: dict[str, str] = {}
+    usable, unlabeled = [], []
+    for r in sorted(good, key=lambda r: r["path"]):
+        if r["image_id"] in seen:
+            quarantined.append(
+                {"path": r["path"], "reason": f"{r['path']}: duplicate SOPInstanceUID {r['image_id']} (first in {seen[r['image_id']]})"}
+            )
+            continue
+        seen[r["image_id"]] = r["path"]
+        if not r["labelled"]:
+            unlabeled.append(r["path"])
+            if cfg.data.unlabeled == "skip":
+                continue
+        usable.append(r)
+    labels_without_dicoms = sorted(set(labels.image_ids) - set(seen))
+    if usable:
+        folds = assign_folds(
+            [r["image_id"] for r in usable],
+            [r["patient_id"] or r["image_id"] for r in usable],
+            [bool(r["label"]) for r in usable],
+            num_folds=cfg.data.num_folds,
+            seed=cfg.data.fold_seed,
+            holdout_fraction=cfg.data.holdout_fraction,
+        )
+    else:
+        folds = np.zeros(0, np.int64)
+    index = pa.Table.from_pylist(usable, schema=pa.schema([ROW_SCHEMA.field(c) for c in LIGHT_COLUMNS]))
+    index = index.append_column("fold", pa.array(np.asarray(folds, np.int16)))
+    n_pos = sum(1 for r in usable if r["label"])
+    per_fold = [
+        {"fold": int(k), "images": int((folds == k).sum()), "positive": int(((folds == k) & np.array([bool(r["label"]) for r in usable])).sum())}
+        for k in sorted(set(folds.tolist()))
+    ]
+    summary = {
+        "dicoms_listed": len(rows),
+        "images": len(usable),
+        "positive": n_pos,
+        "negative": len(usable) - n_pos,
+        "quarantined": len(quarantined),
+        "quarantine": sorted(quarantined, key=lambda q: q["path"]),
+        "dicoms_without_labels": len(unlabeled),
+        "dicoms_without_labels_paths": unlabeled,
+        "labels_without_dicoms": len(labels_without_dicoms),
+        "labels_without_dicoms_ids": labels_without_dicoms[:100],
+        "folds": per_fold,
+    }
+    return PreparedIndex(index=index, summary=summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+
+def read_manifest(cache_dir: str) -> dict[str, Any] | None:
+    """The manifest of a cache directory (URI), or None when there is no complete cache there."""
+    fs, path = storage.filesystem_and_path(cache_dir)
+    try:
+        with fs.open_input_stream(_join(path, "manifest.json")) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write JSON atomically: temp + rename locally; a single PUT (atomic by nature) on S3."""
+    storage.write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def new_parts_id() -> str:
+    return time.strftime("parts-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8]
+
+
+@dataclass
+class Cache:
+    """A complete cache directory, read with plain pyarrow (no Ray)."""
+
+    uri: str  # <root>/<key>
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, uri: str) -> "Cache":
+        manifest = read_manifest(uri)
+        if manifest is None:
+            # A cache root holding exactly one complete cache is accepted for convenience.
+            fs, path = storage.filesystem_and_path(uri)
+            import pyarrow.fs as pafs
+
+            try:
+                subdirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+            except (FileNotFoundError, OSError):
+                subdirs = []
+            scheme = uri[: uri.index("://") + 3] if "://" in uri else ""
+            complete = [d for d in subdirs if read_manifest(scheme + d)]
+            if len(complete) != 1:
+                raise CacheError(
+                    f"{uri}: not a complete ptxray cache (no manifest.json"
+                    + (f"; {len(complete)} complete caches below it, name one" if complete else "")
+                    + ")"
+                )
+            uri = scheme + complete[0]
+            manifest = read_manifest(uri)
+        return cls(uri=uri, manifest=manifest)
+
+    @property
+    def parts_uri(self) -> str:
+        return _join(self.uri, self.manifest["parts"])
+
+    @property
+    def data_uri(self) -> str:
+        return _join(self.parts_uri, "data")
+
+    def index(self) -> pa.Table:
+        fs, path = storage.filesystem_and_path(_join(self.parts_uri, "index.parquet"))
+        return pq.read_table(path, filesystem=fs)
+
+    def split_ids(self, fold: int) -> tuple[list[str], list[str]]:
+        """(train image ids, val image ids) for fold k: train = folds != k (hold-out excluded)."""
+        idx = self.index()
+        folds = idx.column("fold").to_numpy()
+        if fold not in set(folds.tolist()):
+            raise CacheError(f"{self.uri}: no fold {fold} (folds: {sorted(set(folds.tolist()) - {-1})})")
+        ids = np.asarray(idx.column("image_id").to_pylist(), dtype=object)
+        return ids[(folds != fold) & (folds >= 0)].tolist(), ids[folds == fold].tolist()
+
+    def load_arrays(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """images uint8 (N, C, S, S), masks uint8 (N, S, S), ids — in the order given."""
+        fs, path = storage.filesystem_and_path(self.data_uri)
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        table = dataset.to_table(
+            columns=["image_id", "channels", "size", "image", "mask"],
+            filter=pc.field("image_id").isin(list(image_ids)) & pc.field("error").is_null(),
+        )
+        return table_to_arrays(table, order=image_ids)
+
+
+def table_to_arrays(table: pa.Table, order: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    ids = table.column("image_id").to_pylist()
+    if order is not None:
+        pos = {i: n for n, i in enumerate(ids)}
+        missing = [i for i in order if i not in pos]
+        if missing:
+            raise CacheError(f"{len(missing)} image(s) not in the cache, e.g. {missing[:3]}")
+        take = [pos[i] for i in order]
+        ids = list(order)
+    else:
+        take = list(range(len(ids)))
+    if not take:
+        return np.zeros((0, 0, 0, 0), np.uint8), np.zeros((0, 0, 0), np.uint8), []
+    c = table.column("channels").to_numpy()
+    s = table.column("size").to_numpy()
+    images = table.column("image")
+    masks = table.column("mask")
+    n = len(take)
+    out_img = np.empty((n, int(c[take[0]]), int(s[take[0]]), int(s[take[0]])), np.uint8)
+    out_mask = np.empty((n, int(s[take[0]]), int(s[take[0]])), np.uint8)
+    for j, i in enumerate(take):
+        out_img[j] = np.frombuffer(images[i].as_py(), np.uint8).reshape(out_img.shape[1:])
+        out_mask[j] = np.frombuffer(masks[i].as_py(), np.uint8).reshape(out_mask.shape[1:])
+    return out_img, out_mask, ids
+
+
+def labels_sha256(labels_uri: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with storage.open_input_stream(labels_uri) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "Cache",
+    "CacheError",
+    "LIGHT_COLUMNS",
+    "PreparedIndex",
+    "ROW_SCHEMA",
+    "build_index",
+    "build_row",
+    "cache_key",
+    "labels_sha256",
+    "list_dicoms",
+    "new_parts_id",
+    "read_manifest",
+    "rows_to_table",
+    "table_to_arrays",
+    "write_json",
+]

@@ -1,0 +1,479 @@
+"""DICOM bytes -> `Scan` (a uint8 MONOCHROME2 image plus the header fields the pipeline needs).
+
+The SIIM-ACR files are JPEG Baseline 8-bit Secondary Captures. Their single encapsulated frame is
+handed straight to OpenCV (libjpeg-turbo), several times faster than pydicom's plugin chain; every
+other transfer syntax goes through pydicom's own decoders. Whatever goes wrong, the caller gets a
+`DicomError` whose message is "<path>: <reason>", so the data pipeline can put the file on its
+quarantine list and go on.
+
+`write_jpeg_dicom` writes the same kind of file (real JPEG Baseline, SIIM-like tags) for the
+synthetic-data generator and for tests.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, get_frame
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import (
+    RE_VALID_UID,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+)
+from pydicom.valuerep import DSfloat
+
+__all__ = ["DicomError", "Scan", "parse_age", "read_dicom", "read_dicom_file", "write_jpeg_dicom"]
+
+_PIXEL_DATA_TAG_BYTES = struct.pack("<HH", 0x7FE0, 0x0010)  # little-endian
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Percentiles of the robust window for >8-bit images that carry no window of their own.
+_LOW_PERCENTILE = 0.5
+_HIGH_PERCENTILE = 99.5
+
+
+class DicomError(ValueError):
+    """A file that cannot become a `Scan`; `str(err)` is always "<path>: <reason>"."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path or '<bytes>'}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduce would call DicomError(message) on unpickling; Ray ships errors
+        # between processes, so rebuild from the two fields instead.
+        return (type(self), (self.path, self.reason))
+
+
+# eq=False: the generated __eq__/__hash__ would compare/hash the ndarray, which raises.
+@dataclass(frozen=True, eq=False)
+class Scan:
+    image: np.ndarray  # (H, W) uint8, MONOCHROME2 orientation (bright = dense)
+    image_id: str  # SOPInstanceUID, or the file name without .dcm when absent
+    patient_id: str
+    sex: str  # "M", "F", "O" or ""
+    age: int | None  # whole years
+    view_position: str  # "PA", "AP" or ""
+    pixel_spacing_mm: tuple[float, float] | None  # (row spacing, column spacing)
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str  # UID
+    photometric: str  # PhotometricInterpretation as stored (MONOCHROME1 images come out inverted)
+    path: str
+
+
+def read_dicom_file(path: str | Path) -> Scan:
+    """Read and decode one DICOM file; I/O errors (missing file, permissions) propagate as OSError."""
+    return read_dicom(Path(path).read_bytes(), str(path))
+
+
+def read_dicom(data: bytes | bytearray | memoryview, path: str = "") -> Scan:
+    """Decode the bytes of one single-frame greyscale DICOM file.
+
+    `path` is only used to name the input in errors and as the fallback image id.
+    Raises `DicomError` for anything that is not a decodable greyscale image.
+    """
+    path = str(path)
+    data = bytes(data)  # a memoryview/bytearray from a reader would break the offset checks
+    try:
+        ds = _parse(data, path)
+        pixels = _decode_pixels(ds, path)  # (H, W) as stored
+        image = _to_uint8(pixels, ds)  # (H, W) uint8
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+        if photometric == "MONOCHROME1":
+            image = 255 - image
+        return Scan(
+            image=np.ascontiguousarray(image),
+            image_id=_text(ds, "SOPInstanceUID") or _stem(path),
+            patient_id=_text(ds, "PatientID"),
+            sex=_sex(ds),
+            age=parse_age(_text(ds, "PatientAge")),
+            view_position=_view(ds),
+            pixel_spacing_mm=_spacing(ds),
+            study_uid=_text(ds, "StudyInstanceUID"),
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            photometric=photometric,
+            path=path,
+        )
+    except DicomError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom/OpenCV/numpy raise many types; name the file
+        raise DicomError(path, f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------- parsing
+
+
+def _parse(data: bytes, path: str) -> Dataset:
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=False)
+    except InvalidDicomError as exc:
+        raise DicomError(path, "not DICOM (no 128-byte preamble with 'DICM' prefix)") from exc
+    except Exception as exc:  # noqa: BLE001 - 'DICM' is there but the file meta is cut or mangled
+        raise DicomError(path, f"truncated or corrupt file meta information "
+                               f"({type(exc).__name__}: {exc})") from exc
+    _check_not_truncated(ds, data, path)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise DicomError(path, "no Transfer Syntax UID in the file meta information")
+    return ds
+
+
+def _check_not_truncated(ds: Dataset, data: bytes, path: str) -> None:
+    """pydicom reads a cut file without raising: a defined-length value comes back short, a cut
+    inside an undefined-length element (encapsulated pixel data) leaves an empty data set, and a
+    cut inside an element header just ends the data set. Find all three from the byte offsets
+    pydicom keeps on the elements it did read."""
+    meta_keys = list(ds.file_meta.keys())
+    if not meta_keys:
+        raise DicomError(path, f"truncated file meta information: nothing after 'DICM' ({len(data)} bytes)")
+    start = _element_end(ds.file_meta.get_item(max(meta_keys), keep_deferred=True))
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    try:
+        # The group length counts the bytes after its own 12-byte element, which follows the
+        # 128-byte preamble and "DICM".
+        declared = (start or 0) if group_length is None else 144 + int(group_length)
+    except (TypeError, ValueError) as exc:
+        raise DicomError(path, f"truncated or corrupt file meta information: group length "
+                               f"{group_length!r} ({len(data)} bytes)") from exc
+    if len(data) < max(declared, start or 0):
+        raise DicomError(path, f"truncated file meta information: {len(data)} bytes, "
+                               f"the header alone declares {max(declared, start or 0)}")
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return  # offsets refer to the inflated stream, not to `data`
+    if len(ds) == 0:
+        if start is not None and len(data) > start:
+            at = data.find(_PIXEL_DATA_TAG_BYTES, start)
+            if at >= 0:
+                raise DicomError(path, f"truncated pixel data: element (7FE0,0010) at byte {at} "
+                                       f"runs past the end of the file ({len(data)} bytes)")
+            raise DicomError(path, f"truncated or corrupt data set: no element could be read "
+                                   f"from the {len(data) - start} bytes after the file meta")
+        return
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    end = _element_end(last)
+    if end is None:
+        return  # a complete undefined-length element (or already converted): nothing to check
+    if end > len(data):
+        raise DicomError(
+            path,
+            f"truncated file: element {last.tag} needs {last.length} bytes, "
+            f"only {len(data) - last.value_tell} present",
+        )
+    if "PixelData" not in ds and end < len(data):
+        # pydicom stops silently when fewer than 8 bytes of an element header are left.
+        raise DicomError(path, f"truncated file: it ends inside the element header at byte {end}")
+
+
+def _element_end(element: Any) -> int | None:
+    if not isinstance(element, RawDataElement) or element.length == 0xFFFFFFFF:
+        return None
+    return element.value_tell + element.length
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def _decode_pixels(ds: Dataset, path: str) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise DicomError(path, "no pixel data")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise DicomError(path, f"multi-frame ({frames} frames)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples > 1 or photometric not in _MONOCHROME:
+        raise DicomError(path, f"colour image ({photometric or 'no PhotometricInterpretation'}, "
+                               f"{samples} samples per pixel)")
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        if not ds.get(keyword):
+            raise DicomError(path, f"missing or zero {keyword}")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if syntax == JPEGBaseline8Bit:
+        pixels = _decode_jpeg_baseline(ds, path)
+    else:
+        _require_decoder(syntax, path)
+        if not syntax.is_compressed:
+            _check_native_length(ds, path)
+        pixels = ds.pixel_array
+    if pixels.shape != (rows, columns):
+        raise DicomError(path, f"decoded shape {pixels.shape} != Rows x Columns ({rows}, {columns})")
+    return pixels
+
+
+def _decode_jpeg_baseline(ds: Dataset, path: str) -> np.ndarray:
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError/struct.error on bad items
+        raise DicomError(path, f"corrupt encapsulated pixel data ({exc})") from exc
+    # libjpeg-turbo decodes a cut stream without error (grey fill, a warning on stderr), so a
+    # missing End Of Image marker is the only reliable sign. It cannot occur by chance inside
+    # entropy-coded data (0xFF is stuffed there); the slack allows even-length and writer padding.
+    if b"\xff\xd9" not in frame[-16:]:
+        raise DicomError(path, f"truncated JPEG frame (no end-of-image marker in {len(frame)} bytes)")
+    image = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DicomError(path, f"corrupt JPEG frame ({len(frame)} bytes; OpenCV cannot decode it)")
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise DicomError(path, f"JPEG frame decodes to {image.dtype} {image.shape}, not 8-bit greyscale")
+    return image
+
+
+def _require_decoder(syntax: UID, path: str) -> None:
+    name = syntax.name if syntax.name != str(syntax) else "unknown"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise DicomError(path, f"unsupported transfer syntax {name} ({syntax}); "
+                               "no decoder exists for it") from exc
+    if not decoder.is_available:
+        # pydicom keeps the list of plugins per syntax, e.g. "pylibjpeg - requires pylibjpeg>=2.0
+        # and pylibjpeg-openjpeg>=2.0"; naming those beats a hand-kept table that goes stale.
+        options = [m.split(" - requires ", 1)[-1] for m in decoder.missing_dependencies]
+        raise DicomError(path, f"unsupported transfer syntax {name} ({syntax}); "
+                               f"install {' or '.join(options) or 'a decoder plugin'} to decode it")
+
+
+def _check_native_length(ds: Dataset, path: str) -> None:
+    bits = int(ds.BitsAllocated)
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+    expected = (pixels * bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise DicomError(path, f"truncated pixel data (expected {expected} bytes, got {actual})")
+
+
+# --------------------------------------------------------------------------------------- windowing
+
+
+def _to_uint8(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> (H, W) uint8 in the stored polarity: Modality LUT, then VOI, then scaling."""
+    voi = _voi_kind(ds)
+    if voi is None and pixels.dtype == np.uint8 and int(ds.get("BitsStored") or 8) == 8:
+        # A linear rescale with a positive slope does not change what an unwindowed image shows;
+        # passing the bytes through keeps the SIIM case bit-exact with its JPEG decode.
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        if not ds.get("ModalityLUTSequence") and slope > 0:
+            return pixels
+    values = apply_modality_lut(pixels, ds)  # (H, W) in output units (e.g. HU)
+    if voi is not None:
+        if voi == "lut":
+            # A LUT is indexed by integers; the rescale hands over floats that hold integers.
+            values = np.rint(values).astype(np.int64)
+        low, high = _voi_output_range(ds, voi)
+        values = apply_voi_lut(values, ds)
+    else:
+        values = np.asarray(values, dtype=np.float64)
+        low, high = np.percentile(values, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
+        if high <= low:  # most pixels equal: fall back to the full range
+            low, high = float(values.min()), float(values.max())
+    return _scale(values, float(low), float(high))
+
+
+def _voi_kind(ds: Dataset) -> str | None:
+    """Which VOI step pydicom's apply_voi_lut will take (it prefers the LUT), mirroring its test."""
+    if ds.get("VOILUTSequence"):
+        item = ds.VOILUTSequence[0]
+        if item.get("LUTDescriptor") is not None and item.get("LUTData") is not None:
+            return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _voi_output_range(ds: Dataset, voi: str) -> tuple[float, float]:
+    """The range pydicom's VOI step maps into, found by running the step on its own input limits.
+
+    Windowing maps into a range pydicom derives from BitsStored and the rescale; pushing the two
+    extreme inputs through gives exactly that range without re-deriving it here. For a VOI LUT it is
+    the range of its entries (the descriptor's bit depth is wrong in some real files).
+    """
+    if voi == "lut":
+        descriptor = ds.VOILUTSequence[0].LUTDescriptor
+        entries = int(descriptor[0]) or 2**16
+        probe = np.arange(int(descriptor[1]), int(descriptor[1]) + entries, dtype=np.int64)
+    else:
+        probe = np.array([-1e300, 1e300])
+    with np.errstate(over="ignore"):  # SIGMOID at the probes overflows to its asymptotes
+        out = np.asarray(apply_voi_lut(probe, ds), dtype=np.float64)
+    return float(out.min()), float(out.max())
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    scaled = (np.asarray(values, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ header fields
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed optional tag must not lose the image
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _stem(path: str) -> str:
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    # Only a DICOM extension is dropped: "1.2.3.4" (no extension) is an id, not "1.2.3" + ".4".
+    return re.sub(r"\.(dcm|dicom)$", "", name, flags=re.IGNORECASE)
+
+
+def _sex(ds: Dataset) -> str:
+    sex = _text(ds, "PatientSex").upper()
+    return sex if sex in ("M", "F", "O") else ""
+
+
+_AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$", re.IGNORECASE)
+_DAYS_PER_UNIT = {"D": 1, "W": 7, "M": 365.25 / 12, "Y": 365.25, "": 365.25}
+
+
+def parse_age(text: str) -> int | None:
+    """DICOM Age String ('038Y', '6M', '10W', '20D') or SIIM's bare '38' -> whole years."""
+    match = _AGE_RE.match(text.strip())
+    if match is None:
+        return None
+    days = int(match.group(1)) * _DAYS_PER_UNIT[match.group(2).upper()]
+    return int(days // 365.25)
+
+
+def _view(ds: Dataset) -> str:
+    view = _text(ds, "ViewPosition").upper()
+    if view in ("PA", "AP"):
+        return view
+    # Some exports carry the view only in the description, as SIIM's "view: PA" does as well.
+    match = re.search(r"\bview:\s*(PA|AP)\b", _text(ds, "SeriesDescription"), re.IGNORECASE)
+    return match.group(1).upper() if match else ""
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            if value is None or len(value) != 2:
+                continue
+            row, column = float(value[0]), float(value[1])
+        except Exception:  # noqa: BLE001 - malformed DS: treat as absent
+            continue
+        if row > 0 and column > 0 and np.isfinite(row) and np.isfinite(column):
+            return (row, column)
+    return None
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write_jpeg_dicom(
+    path_or_buffer: str | Path | BinaryIO,
+    image_uint8: np.ndarray,
+    *,
+    image_id: str,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    sex: str,
+    age: int | None,
+    view: str,
+    spacing_mm: float | tuple[float, float],
+    quality: int = 95,
+) -> None:
+    """Write a JPEG Baseline 8-bit MONOCHROME2 Secondary Capture file with SIIM-like tags.
+
+    `image_uint8` is (H, W) uint8; `image_id`, `study_uid` and `series_uid` must be valid UIDs
+    (`image_id` becomes the SOPInstanceUID, as in SIIM where it is also the file name).
+    """
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 2 or image.size == 0:
+        raise ValueError(f"image_uint8 must be a non-empty (H, W) uint8 array, got {image.dtype} {image.shape}")
+    if max(image.shape) > 65535:
+        raise ValueError(f"image {image.shape} is too large for JPEG Baseline (65535 px per side)")
+    for name, uid in (("image_id", image_id), ("study_uid", study_uid), ("series_uid", series_uid)):
+        # The regex rather than UID(uid).is_valid: constructing a UID warns on a bad value.
+        if not (isinstance(uid, str) and len(uid) <= 64 and RE_VALID_UID.match(uid)):
+            raise ValueError(f"{name} {uid!r} is not a valid DICOM UID")
+    if sex not in ("M", "F", "O", ""):
+        raise ValueError(f"sex must be 'M', 'F', 'O' or '', got {sex!r}")
+    if view not in ("PA", "AP", ""):
+        raise ValueError(f"view must be 'PA', 'AP' or '', got {view!r}")
+    if age is not None and not 0 <= int(age) <= 999:
+        raise ValueError(f"age must be 0..999 years or None, got {age!r}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be 1..100, got {quality!r}")
+    row_mm, col_mm = (spacing_mm, spacing_mm) if np.isscalar(spacing_mm) else spacing_mm
+    if not (float(row_mm) > 0 and float(col_mm) > 0):
+        raise ValueError(f"spacing_mm must be positive, got {spacing_mm!r}")
+
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"OpenCV could not JPEG-encode image {image.shape} for {image_id}")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = image_id
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = image_id
+    ds.StudyDate = "19010101"
+    ds.StudyTime = "000000.00"
+    ds.AccessionNumber = ""
+    ds.Modality = "CR"
+    ds.ConversionType = "WSD"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = f"view: {view}" if view else ""
+    ds.PatientName = patient_id
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = sex
+    # SIIM writes bare years ('38', not the standard '038Y'); skip the validation that warns on it.
+    age_text = "" if age is None else str(int(age))
+    ds.add(DataElement(0x00101010, "AS", age_text, validation_mode=pydicom_config.IGNORE))
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = view
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = image.shape
+    ds.PixelSpacing = [DSfloat(float(row_mm), auto_format=True), DSfloat(float(col_mm), auto_format=True)]
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    # SIIM's files have an empty Basic Offset Table; with one frame it carries nothing anyway.
+    ds.PixelData = encapsulate([encoded.tobytes()], has_bot=False)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path_or_buffer, enforce_file_format=True)

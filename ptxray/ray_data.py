@@ -1,0 +1,146 @@
+"""The Ray Data wiring of `ptxray prepare`: DICOMs (folder or S3) -> the decode-once Parquet cache.
+
+Only the wiring is here. What a row holds and how the index, folds and summary are built is plain
+code in `ptxray.cache`, tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from ptxray import cache as cache_mod
+from ptxray import storage
+from ptxray.config import Config
+from ptxray.masks import read_labels
+
+log = logging.getLogger("ptxray")
+
+
+def init_ray(address: str = "", **kwargs: Any) -> bool:
+    """Connect to Ray; returns True when this call started it (so the caller shuts it down).
+
+    "" means: inside a Ray job (the job supervisor sets RAY_ADDRESS) join that cluster, otherwise
+    start an embedded local Ray. We never attach to a cluster nobody asked for: a bare
+    `ray.init()` would join any cluster found on this machine.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+    else:
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    return True
+
+
+def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str) -> pa.Table:
+    paths = batch.column("path").to_pylist()
+    blobs = batch.column("bytes").to_pylist()
+    rows = [
+        cache_mod.build_row(data, display_prefix + path, labels, pre, rle_scheme, unlabeled)
+        for data, path in zip(blobs, paths)
+    ]
+    return cache_mod.rows_to_table(rows)
+
+
+def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the cache for these inputs; returns the summary (also saved as JSON).
+
+    Bad files never stop the run: each becomes a quarantine entry with its path and reason.
+    """
+    t0 = time.perf_counter()
+    fs, paths, listing = cache_mod.list_dicoms(images)
+    label_index = read_labels(labels, scheme=cfg.data.rle_scheme)
+    key = cache_mod.cache_key(cfg, listing, cache_mod.labels_sha256(labels))
+    cache_dir = cache_mod._join(cache, key)
+    manifest = None if force else cache_mod.read_manifest(cache_dir)
+    if manifest is not None:
+        summary = dict(manifest["summary"], reused=True, cache=cache_dir, seconds=round(time.perf_counter() - t0, 2))
+        log.info("cache %s is complete: reusing it, nothing decoded", cache_dir)
+        return summary
+
+    _remove_unfinished_attempts(cache_dir)
+    parts = cache_mod.new_parts_id()
+    parts_uri = cache_mod._join(cache_dir, parts)
+    out_fs, out_path = storage.filesystem_and_path(cache_mod._join(parts_uri, "data"))
+    display_prefix = "s3://" if images.startswith(("s3://", "s3a://")) else ""
+
+    if paths:
+        ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+        ds = ds.map_batches(
+            _decode_batch,
+            batch_format="pyarrow",
+            batch_size=cfg.compute.prepare_batch_size,
+            fn_kwargs=dict(
+                labels=label_index,
+                pre=cfg.preprocess,
+                rle_scheme=cfg.data.rle_scheme,
+                unlabeled=cfg.data.unlabeled,
+                display_prefix=display_prefix,
+            ),
+        )
+        ds.write_parquet(out_path, filesystem=out_fs, compression="zstd")
+
+    light = _read_light_columns(out_fs, out_path) if paths else cache_mod.rows_to_table([]).select(cache_mod.LIGHT_COLUMNS)
+    prepared = cache_mod.build_index(light, label_index, cfg)
+    import pyarrow.parquet as pq
+
+    idx_fs, idx_path = storage.filesystem_and_path(cache_mod._join(parts_uri, "index.parquet"))
+    with idx_fs.open_output_stream(idx_path) as f:
+        pq.write_table(prepared.index, f)
+    summary = dict(
+        prepared.summary,
+        images_uri=images,
+        labels_uri=labels,
+        key=key,
+        preprocess=cfg.to_dict()["preprocess"],
+        prepare_seconds=round(time.perf_counter() - t0, 2),
+    )
+    cache_mod.write_json(cache_mod._join(parts_uri, "summary.json"), summary)
+    # The manifest goes last: until it exists, no reader trusts anything under cache_dir.
+    cache_mod.write_json(
+        cache_mod._join(cache_dir, "manifest.json"),
+        {"format": cache_mod.CACHE_FORMAT_VERSION, "key": key, "parts": parts, "summary": summary, "created": time.time()},
+    )
+    return dict(summary, reused=False, cache=cache_dir, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _read_light_columns(fs, path: str) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cache_mod.LIGHT_COLUMNS)
+
+
+def _remove_unfinished_attempts(cache_dir: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem_and_path(cache_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return
+    for e in entries:
+        if e.type == pafs.FileType.Directory and e.base_name.startswith("parts-"):
+            log.info("removing unfinished cache attempt %s", e.path)
+            fs.delete_dir(e.path)
+
+
+def fold_datasets(cache_uri: str, fold: int) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+    """(train, val) Ray datasets for fold k, streamed from the cache (never from DICOMs)."""
+    c = cache_mod.Cache.open(cache_uri)
+    train_ids, val_ids = c.split_ids(fold)
+    fs, path = storage.filesystem_and_path(c.data_uri)
+    import pyarrow.compute as pc
+
+    cols = ["image_id", "label", "channels", "size", "image", "mask"]
+
+    def read(ids):
+        return ray.data.read_parquet(path, filesystem=fs, columns=cols, filter=pc.field("image_id").isin(ids))
+
+    return read(train_ids), read(val_ids)

@@ -1,0 +1,143 @@
+"""Shared fixtures: real fixtures on disk, a real S3 endpoint (moto_server), a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SIIM_SAMPLE = DATA / "siim-sample"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MotoS3:
+    endpoint: str
+    recording: Path
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def start_recording(self) -> None:
+        self._post("reset-recording")
+        self._post("start-recording")
+
+    def stop_recording(self) -> list[dict]:
+        self._post("stop-recording")
+        if not self.recording.exists():
+            return []
+        return [json.loads(line) for line in self.recording.read_text().splitlines() if line.strip()]
+
+    def _post(self, what: str) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{what}", method="POST", data=b"")
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A real S3 HTTP endpoint on 127.0.0.1, with the AWS environment pointed at it.
+
+    Set before any Ray starts, so Ray workers (children of the raylet) inherit it too.
+    """
+    port = free_port()
+    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
+    exe = Path(sys.executable).with_name("moto_server")
+    env = dict(os.environ, MOTO_RECORDER_FILEPATH=str(recording))
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing-key-id",
+        AWS_SECRET_ACCESS_KEY="testing-secret",
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    try:
+        yield MotoS3(endpoint=endpoint, recording=recording)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_s3):
+    """An embedded local Ray of our own (never someone else's cluster), with a short temp dir."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ptxr-", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """A small synthetic SIIM-layout dataset (real JPEG DICOMs + RLE CSV), generated once."""
+    from ptxray.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(str(out), n=24, size=256, positive_rate=0.25, seed=3)
+    return out

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pytest
+
+from ptxray.config import Config, ConfigError, load_config, section_hash
+
+
+def test_defaults_and_derived_in_channels():
+    cfg = Config()
+    assert cfg.model.in_channels == len(cfg.preprocess.channels) == 3
+    one = cfg.with_overrides(["preprocess.channels=[raw]"])
+    assert one.preprocess.channels == ("raw",) and one.model.in_channels == 1
+
+
+def test_cli_overrides_are_typed():
+    cfg = load_config(None, ["optim.lr=1e-4", "train.epochs=3", "compute.use_gpu=true", "preprocess.channels=raw,clahe"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3 and cfg.compute.use_gpu is True
+    assert cfg.preprocess.channels == ("raw", "clahe")
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lrr=1", ["optim.lrr", "unknown"]),
+        ("nosection.x=1", ["nosection"]),
+        ("train.epochs=many", ["train.epochs", "integer"]),
+        ("preprocess.channels=[raw, sobel]", ["sobel"]),
+        ("optim.lr", ["key=value"]),
+    ],
+)
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_yaml_file_and_shipped_recipe(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.01\nsearch:\n  grid:\n    optim.lr: [0.1, 0.01]\n")
+    cfg = load_config(p)
+    assert cfg.optim.lr == 0.01 and cfg.search.grid == {"optim.lr": [0.1, 0.01]}
+    assert load_config("smoke").preprocess.image_size_px == 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_and_hash_stability():
+    cfg = load_config("smoke", ["optim.lr=0.5"])
+    from ptxray.config import config_from_dict
+
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert section_hash(cfg.preprocess) == section_hash(again.preprocess)
+    assert section_hash(cfg.preprocess) != section_hash(cfg.with_overrides({"preprocess.beasf_gamma": 0.3}).preprocess)
