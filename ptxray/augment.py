@@ -93,6 +93,9 @@ def _kaggle(A: Any, size: int) -> list:
     4 px on average at 512) stays the same fraction of the image at any `size`.
     """
     k = size / 512.0
+    # albumentations requires sigma >= 1; below ~85 px keep the displacement (alpha / sigma) scaled.
+    sigma = max(1.0, 6.0 * k)
+    alpha = 20.0 * k * sigma
     return [
         A.HorizontalFlip(p=0.5),
         A.Affine(
@@ -115,8 +118,8 @@ def _kaggle(A: Any, size: int) -> list:
         A.OneOf(
             [
                 A.ElasticTransform(
-                    alpha=120.0 * k * k,
-                    sigma=6.0 * k,
+                    alpha=alpha,
+                    sigma=sigma,
                     noise_distribution="uniform",
                     interpolation=cv2.INTER_LINEAR,
                     mask_interpolation=_MASK_INTERP,

@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cache:
         raise ConfigError("train needs --cache (a prepared cache: <root>/<key> or a root holding one)")
     run_dir = Path(args.run_dir or Path(cfg.compute.storage_path) / f"train-fold{cfg.train.fold}")
-    result = train_fold(cfg, cache, run_dir, resume=not args.no_resume, device=args.device)
+    result = train_fold(cfg, cache, run_dir, resume=not args.no_resume, device=args.device, progress=sys.stderr.isatty())
     best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
     print(f"run folder: {run_dir}\nbest epoch: {best}\ncheckpoint: {result.checkpoint}")
     return 0

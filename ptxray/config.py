@@ -8,7 +8,6 @@ change under a running job.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import types

@@ -8,9 +8,11 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles); this module never reads or 
 
 from __future__ import annotations
 
+import io
 import os
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 if TYPE_CHECKING:  # pyarrow.fs is imported lazily: importing ptxray must stay cheap
     import pyarrow
@@ -75,31 +77,54 @@ def open_input_stream(path_or_uri: str) -> "pyarrow.NativeFile":
         raise FileNotFoundError(f"{path_or_uri}: no such file or object") from None
 
 
-def write_bytes_atomic(path_or_uri: str, data: bytes) -> None:
+def write_atomic(path_or_uri: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a whole file so that readers see the old content or the new, never a part.
 
-    Locally: a temp file in the same folder, fsync, then os.replace. On S3 one PUT is atomic by
-    nature (an object becomes visible only when its upload completes).
+    `write(f)` fills a binary stream. Locally it streams into a temp file in the same folder, which
+    is fsynced and renamed over the target (atomic on POSIX), then the folder is fsynced so the
+    rename survives a crash; a failure removes the temp file. On S3 the bytes are uploaded in one
+    stream: an object becomes visible only once its upload completes, and S3 has no atomic rename.
     """
-    if not is_uri(path_or_uri) or path_or_uri.startswith("file://"):
-        import tempfile
-
-        target = Path(path_or_uri.removeprefix("file://")).expanduser().absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    text = str(path_or_uri)
+    if is_uri(text) and not text.startswith("file://"):
+        filesystem, path = filesystem_and_path(text)
+        buffer = io.BytesIO()
+        write(buffer)
+        with filesystem.open_output_stream(path, compression=None) as out:
+            out.write(buffer.getvalue())
         return
-    filesystem, path = filesystem_and_path(path_or_uri)
-    with filesystem.open_output_stream(path) as f:
-        f.write(data)
+    target = Path(text.removeprefix("file://")).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its 0600 mode would survive the rename; "xb" honours the umask like open().
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
 
 
-__all__ = ["filesystem_and_path", "is_uri", "open_input_stream", "s3_filesystem_from_env", "write_bytes_atomic"]
+def write_bytes_atomic(path_or_uri: str | Path, data: bytes) -> None:
+    write_atomic(path_or_uri, lambda f: f.write(data))
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk; not every OS allows this.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["filesystem_and_path", "is_uri", "open_input_stream", "s3_filesystem_from_env", "write_atomic", "write_bytes_atomic"]

@@ -19,7 +19,6 @@ Everything is deterministic for a seed: every image has its own generator seeded
 from __future__ import annotations
 
 import io
-import math
 import os
 import uuid
 import warnings

@@ -281,3 +281,15 @@ def test_import_has_no_side_effects():
     env = {k: v for k, v in __import__("os").environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("recipe", ["paper", "kaggle"])
+@pytest.mark.parametrize("size", [32, 64, 1024])
+def test_recipes_build_and_run_at_small_and_large_sizes(recipe, size):
+    pipeline = G.build_augment(recipe, size)
+    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : size // 2, size // 4 : size // 2] = 1
+    out_img, out_mask = G.augment(image, mask, pipeline, np.random.default_rng(1))
+    assert out_img.shape == image.shape and out_mask.shape == mask.shape
+    assert set(np.unique(out_mask)) <= {0, 1}

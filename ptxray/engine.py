@@ -1,0 +1,783 @@
+"""The training engine: plain torch over iterables of batches, with no Ray in it.
+
+`train_epoch` and `evaluate` take any iterable of batch dicts (a list in a test, a Ray Data shard
+in production). `fit` runs the epochs of one training run: optimizer and scheduler from the config,
+early stopping, metrics.jsonl, atomic checkpoints, and resume from the last checkpoint.
+
+A batch is `{"image": float32 (B, C, H, W) in [0, 1], "mask": float32 (B, 1, H, W) in {0, 1},
+"label": float32 (B, 1)}`; a uint8 image is accepted too (scaled on the device, so a GPU
+host-to-device copy moves a quarter of the bytes).
+
+When each learning-rate scheduler steps (`build_scheduler`):
+- `cosine`: once per epoch, after validation (CosineAnnealingLR over `train.epochs`).
+- `onecycle`: once per optimizer step, inside `train_epoch` (OneCycleLR over epochs x steps).
+- `plateau`: once per epoch, after validation, on the monitored metric (ReduceLROnPlateau).
+- `none`: never.
+
+Distributed data parallel: the runner wraps the model (and converts it to channels_last *before*
+wrapping); the engine unwraps `model.module` where it needs the plain module. Loss and metrics are
+all-reduced over ranks, so every rank sees the same numbers and takes the same early-stopping
+decision. Only the rank given a `run_dir` writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+
+from ptxray.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    strip_module_prefix,
+)
+from ptxray.config import Config, OptimConfig
+from ptxray.losses import build_loss, weight_penalty
+from ptxray.metrics import SegMetrics
+from ptxray.storage import is_uri, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
+CHECKPOINT_FORMAT = 1
+
+
+# ---- batches --------------------------------------------------------------------------------
+def batch_from_numpy(images: np.ndarray, masks: np.ndarray) -> Batch:
+    """uint8 images (B, C, H, W) and uint8 masks (B, H, W) (any non-zero = foreground) -> a batch."""
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"batch_from_numpy: images must be uint8 (B, C, H, W), got {images.dtype} {images.shape}"
+        )
+    if masks.dtype not in (np.uint8, np.bool_) or masks.ndim != 3:
+        raise ValueError(f"batch_from_numpy: masks must be uint8 (B, H, W), got {masks.dtype} {masks.shape}")
+    b, _, h, w = images.shape
+    if masks.shape != (b, h, w):
+        raise ValueError(
+            f"batch_from_numpy: masks shape {masks.shape} does not match images {images.shape} "
+            f"(expected {(b, h, w)})"
+        )
+    image = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)  # (B, C, H, W)
+    mask = torch.from_numpy(np.ascontiguousarray(masks) > 0).float().unsqueeze(1)  # (B, 1, H, W)
+    label = mask.amax(dim=(2, 3))  # (B, 1)
+    return {"image": image, "mask": mask, "label": label}
+
+
+def _batch_to_device(batch: Mapping[str, Tensor], device: torch.device, channels_last: bool):
+    try:
+        image, mask = batch["image"], batch["mask"]
+    except (KeyError, TypeError):
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"a batch must be a dict with 'image', 'mask' and 'label'; got {keys}") from None
+    image = image.to(device, non_blocking=True)
+    if image.dtype == torch.uint8:
+        image = image.float().div_(255.0)
+    if image.ndim != 4:
+        raise ValueError(f"batch['image'] must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    mask = mask.to(device, non_blocking=True).float()
+    if mask.ndim == 3:  # (B, H, W) -> (B, 1, H, W)
+        mask = mask.unsqueeze(1)
+    label = batch.get("label")
+    label = mask.amax(dim=(2, 3)) if label is None else label.to(device, non_blocking=True).float().reshape(-1, 1)
+    return image, mask, label
+
+
+# ---- model helpers --------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / DataParallel (the model itself otherwise)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _autocast(device: torch.device, amp: bool):
+    # bf16 has float32's exponent range, so no GradScaler is needed (unlike fp16).
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _forward(model: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
+    out = model(image)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            f"{type(unwrap_model(model)).__name__}.forward must return (seg_logits, cls_logits), "
+            f"got {type(out).__name__}"
+        )
+    return out[0], out[1]
+
+
+def _all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum a small float64 vector over ranks (no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    home = values.device
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        values = values.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.to(home)
+
+
+# ---- optimizer and scheduler ----------------------------------------------------------------
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD over the trainable parameters; weight decay on conv/linear weights only."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; choose from {list(OPTIMIZERS)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"optim.lr: must be > 0, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay: must be >= 0, got {cfg.weight_decay}")
+    # Lazy: timm.optim pulls in much of timm. Decaying biases and norm scales only fights the
+    # normalisation; timm's grouping (1-D params and biases without decay) is the usual fix.
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(unwrap_model(model), cfg.weight_decay)
+    if not groups:
+        raise ValueError(f"build_optimizer: {type(unwrap_model(model)).__name__} has no trainable parameters")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ValueError(f"optim.nesterov: needs optim.momentum > 0, got momentum={cfg.momentum}")
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    epochs: int,
+    steps_per_epoch: int | None = None,
+    *,
+    mode: str = "max",
+) -> Any:
+    """The lr scheduler named by `cfg.scheduler` (None for "none"); see the module doc for when it steps.
+
+    `steps_per_epoch` is needed by onecycle only; `mode` ("max"/"min") is the monitored metric's
+    direction, used by plateau.
+    """
+    name = cfg.scheduler
+    if name not in SCHEDULERS:
+        raise ValueError(f"optim.scheduler: unknown scheduler {name!r}; choose from {list(SCHEDULERS)}")
+    if epochs < 1:
+        raise ValueError(f"build_scheduler: epochs must be >= 1, got {epochs}")
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+    if name == "onecycle":
+        if not steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError(
+                "optim.scheduler=onecycle: needs the number of optimizer steps per epoch "
+                f"(got steps_per_epoch={steps_per_epoch}); pass it, or set train.max_steps_per_epoch"
+            )
+        # Cycling momentum would turn a momentum-free SGD into a momentum SGD.
+        cycle = not (cfg.name == "sgd" and cfg.momentum <= 0)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            pct_start=cfg.onecycle_pct_start,
+            cycle_momentum=cycle,
+        )
+    if mode not in ("max", "min"):
+        raise ValueError(f"train.monitor_mode: must be 'max' or 'min', got {mode!r}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+    )
+
+
+def scheduler_steps_per_batch(scheduler: Any) -> bool:
+    """True for schedulers that `train_epoch` steps after every optimizer step (onecycle)."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+
+
+def step_epoch_scheduler(scheduler: Any, monitored_value: float) -> None:
+    """The end-of-epoch step: plateau on the monitored value, cosine plainly, per-batch ones not at all."""
+    if scheduler is None or scheduler_steps_per_batch(scheduler):
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored_value)
+    else:
+        scheduler.step()
+
+
+# ---- one epoch ------------------------------------------------------------------------------
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device | str,
+    scheduler: Any = None,
+    amp: bool = False,
+    grad_clip_norm: float = 0.0,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """One pass over `batches`: returns train_loss, train_dice, images, steps, seconds, data_wait_seconds.
+
+    `scheduler` is stepped after every optimizer step, so pass per-step schedulers (onecycle)
+    only. `train_loss` is the image-weighted mean of the task loss; the weight penalty, when given,
+    is added to the optimised objective and reported separately as `train_penalty`.
+    """
+    device = torch.device(device)
+    use_amp = amp and device.type == "cuda"
+    use_channels_last = channels_last and device.type == "cuda"
+    model.train()
+    core = unwrap_model(model)
+    metrics = SegMetrics()
+    # [task loss * images, penalty * images, images]: summed on the device, so no per-step host sync.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    steps = 0
+    data_wait = 0.0
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - t0
+        image, mask, label = _batch_to_device(batch, device, use_channels_last)
+        with _autocast(device, use_amp):
+            seg_logits, cls_logits = _forward(model, image)
+        seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
+        loss = loss_fn(seg_logits, cls_logits, mask, label)
+        objective = loss
+        if penalty is not None:
+            penalty_value = penalty(core)
+            objective = loss + penalty_value
+            sums[1] += penalty_value.detach().double() * image.shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
+        # OneCycleLR defines total_steps lrs (last_epoch 0 .. total_steps - 1); past that it anneals
+        # back up, then raises. Batches beyond the plan (a longer shard) keep the final lr.
+        if scheduler is not None and not (
+            scheduler_steps_per_batch(scheduler) and scheduler.last_epoch >= scheduler.total_steps - 1
+        ):
+            scheduler.step()
+        sums[0] += loss.detach().double() * image.shape[0]
+        sums[2] += image.shape[0]
+        metrics.update(seg_logits.detach(), cls_logits.detach(), mask, label)
+        steps += 1
+
+    sums = _all_reduce_sum(sums)
+    metrics.all_reduce_()
+    loss_sum, penalty_sum, n_images = (float(v) for v in sums.cpu())
+    if n_images == 0:
+        raise ValueError("train_epoch: the training batches were empty (no images on any rank)")
+    train_loss = loss_sum / n_images
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(
+            f"train_epoch: the training loss is {train_loss} after {steps} steps; "
+            "lower optim.lr or keep optim.grad_clip_norm > 0"
+        )
+    out = {
+        "train_loss": train_loss,
+        "train_dice": metrics.compute(prefix="train_")["train_dice"],
+        "images": int(n_images),
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+        "data_wait_seconds": data_wait,
+    }
+    if penalty is not None:
+        out["train_penalty"] = penalty_sum / n_images
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str,
+    amp: bool = False,
+    channels_last: bool = False,
+    loss_fn: nn.Module | None = None,
+) -> dict[str, float]:
+    """SegMetrics over all batches, all-reduced over ranks, keys prefixed `val_` (+ `val_loss` with loss_fn)."""
+    device = torch.device(device)
+    use_amp = amp and device.type == "cuda"
+    use_channels_last = channels_last and device.type == "cuda"
+    # The plain module: DDP's forward would sync buffers, a collective that hangs when ranks hold
+    # different numbers of validation batches.
+    core = unwrap_model(model)
+    was_training = core.training
+    core.eval()
+    metrics = SegMetrics()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss * images, images]
+    try:
+        for batch in batches:
+            image, mask, label = _batch_to_device(batch, device, use_channels_last)
+            with _autocast(device, use_amp):
+                seg_logits, cls_logits = _forward(core, image)
+            seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
+            if loss_fn is not None:
+                sums[0] += loss_fn(seg_logits, cls_logits, mask, label).double() * image.shape[0]
+            sums[1] += image.shape[0]
+            metrics.update(seg_logits, cls_logits, mask, label)
+    finally:
+        core.train(was_training)
+    sums = _all_reduce_sum(sums)
+    metrics.all_reduce_()
+    out = metrics.compute(prefix="val_")
+    if not out["val_n_images"] > 0:
+        raise ValueError("evaluate: the validation batches were empty (no images on any rank)")
+    if loss_fn is not None:
+        out["val_loss"] = float(sums[0]) / float(sums[1])
+    return out
+
+
+# ---- early stopping -------------------------------------------------------------------------
+class EarlyStopping:
+    """Stop after `patience` epochs without an improvement larger than `min_delta` (0 = never stop).
+
+    `best` is the last value that beat the previous best by more than `min_delta` (Keras
+    semantics); `improved` says whether the latest `step` set it. Non-finite values never improve.
+    """
+
+    def __init__(self, monitor: str = "val_dice", mode: str = "max", patience: int = 5, min_delta: float = 0.0):
+        if mode not in ("max", "min"):
+            raise ValueError(f"EarlyStopping({monitor!r}): mode must be 'max' or 'min', got {mode!r}")
+        if patience < 0:
+            raise ValueError(f"EarlyStopping({monitor!r}): patience must be >= 0, got {patience}")
+        if min_delta < 0:
+            raise ValueError(f"EarlyStopping({monitor!r}): min_delta must be >= 0, got {min_delta}")
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.best: float | None = None
+        self.epochs_since_best = 0
+        self.improved = False
+
+    def is_improvement(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "max":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def step(self, value: float) -> bool:
+        """Record one epoch's monitored value; True when training should stop."""
+        value = float(value)
+        self.improved = self.is_improvement(value)
+        if self.improved:
+            self.best = value
+            self.epochs_since_best = 0
+        else:
+            self.epochs_since_best += 1
+        return self.patience > 0 and self.epochs_since_best >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "patience": self.patience,
+            "min_delta": self.min_delta,
+            "best": self.best,
+            "epochs_since_best": self.epochs_since_best,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # monitor/mode/patience come from the (possibly edited) config; the progress comes from here.
+        self.best = None if state["best"] is None else float(state["best"])
+        self.epochs_since_best = int(state["epochs_since_best"])
+        self.improved = False
+
+
+# ---- positive oversampling ------------------------------------------------------------------
+def positive_rate_for_epoch(epoch: int, epochs: int, start: float, end: float) -> float:
+    """Target fraction of positive draws at `epoch` (0-based): linear from `start` to `end` at the last epoch."""
+    for name, rate in (("start", start), ("end", end)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"positive rate {name} must be in [0, 1], got {rate}")
+    if epochs <= 1:
+        return float(start)
+    t = min(max(epoch / (epochs - 1), 0.0), 1.0)
+    return float(start + (end - start) * t)
+
+
+def _draw(indices: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    # With replacement, but as evenly as possible: whole permutations first, then a partial one,
+    # so every image of the class appears floor(k/n) or ceil(k/n) times (plain i.i.d. draws would
+    # leave some positives out of an epoch while showing others four times).
+    whole, rest = divmod(k, len(indices))
+    parts = [rng.permutation(indices) for _ in range(whole)]
+    parts.append(rng.choice(indices, size=rest, replace=False))
+    return np.concatenate(parts)
+
+
+def epoch_indices(
+    labels: np.ndarray,
+    epoch: int,
+    epochs: int,
+    rate_start: float,
+    rate_end: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One epoch of N = len(labels) indices, shuffled, where positives make up this epoch's rate.
+
+    A rate of 0 means the natural rate: a plain permutation of all indices. With a rate r > 0,
+    round(r * N) draws come from the positives and the rest from the negatives (repeating images
+    of the minority as needed). A split without positives or negatives falls back to a permutation.
+    """
+    labels = np.asarray(labels, dtype=bool).reshape(-1)
+    n = labels.size
+    rate = positive_rate_for_epoch(epoch, epochs, rate_start, rate_end)
+    positives = np.flatnonzero(labels)
+    negatives = np.flatnonzero(~labels)
+    if rate == 0.0 or n == 0:
+        return rng.permutation(n)
+    n_pos = int(round(rate * n))
+    if (n_pos > 0 and positives.size == 0) or (n_pos < n and negatives.size == 0):
+        logger.warning(
+            "epoch_indices: positive rate %.2f requested but the split has %d positives and %d "
+            "negatives; using the natural order",
+            rate,
+            positives.size,
+            negatives.size,
+        )
+        return rng.permutation(n)
+    drawn = np.concatenate(
+        [
+            _draw(positives, n_pos, rng) if n_pos else positives[:0],
+            _draw(negatives, n - n_pos, rng) if n - n_pos else negatives[:0],
+        ]
+    )
+    return rng.permutation(drawn)
+
+
+# ---- fit ------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]  # one dict per completed epoch (the lines of metrics.jsonl)
+    best: dict[str, Any]  # the history entry of the best epoch ({} if none was finite)
+    epochs_run: int  # completed epochs in total, resumed ones included
+    stopped_early: bool
+    checkpoint: str | None  # best.pt (weights for prediction), else last.pt; None without run_dir
+    last_checkpoint: str | None = field(default=None)  # last.pt (full state for resuming)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and containers -> python ones (for JSON and weights_only checkpoints)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def _json_line(metrics: Mapping[str, Any]) -> str:
+    # NaN (e.g. val_dice_pos without positives) is not JSON; null is.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(clean, sort_keys=False)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resolve_steps_per_epoch(cfg: Config, steps_per_epoch: int | None) -> int | None:
+    if steps_per_epoch:
+        limit = cfg.train.max_steps_per_epoch
+        return min(steps_per_epoch, limit) if limit > 0 else steps_per_epoch
+    return cfg.train.max_steps_per_epoch or None
+
+
+def fit(
+    model: nn.Module,
+    cfg: Config,
+    train_batches: Callable[[int, np.random.Generator], Iterable[Batch]],
+    val_batches: Callable[[], Iterable[Batch]],
+    *,
+    run_dir: str | Path | None,
+    device: torch.device | str,
+    resume: bool = True,
+    on_epoch_end: Callable[[int, dict[str, Any], str | None], None] | None = None,
+    max_epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    resume_from: str | Path | None = None,
+) -> FitResult:
+    """Train `model` for `cfg.train.epochs` epochs (0-based `epoch` indices throughout).
+
+    Every epoch: `train_batches(epoch, np.random.default_rng([cfg.train.seed, epoch]))` (so a
+    resumed run sees the same order and augmentation), train, validate on `val_batches()`, step
+    the epoch scheduler and early stopping, then (with `run_dir`) write `checkpoints/last.pt` (full
+    state), `checkpoints/best.pt` (weights, when the monitored metric improved) and
+    `metrics.jsonl`, and finally call `on_epoch_end(epoch, metrics, last_checkpoint_path)`.
+
+    - `resume`: continue from `run_dir/checkpoints/last.pt` when it exists; `resume_from` names
+      a checkpoint to continue from instead (e.g. one Ray restored on a worker without run_dir).
+    - `max_epochs`: stop after this many completed epochs in total, leaving a resumable run.
+    - `steps_per_epoch`: optimizer steps per epoch, needed by onecycle unless
+      `train.max_steps_per_epoch` is set.
+    - The model is moved to `device` (and to channels_last on CUDA) unless it is already wrapped
+      in DDP, in which case the runner has done that.
+    """
+    device = torch.device(device)
+    if run_dir is not None and is_uri(str(run_dir)):
+        raise ValueError(
+            f"fit: run_dir {run_dir!s} must be a local folder (the runner uploads checkpoints to storage)"
+        )
+    train_cfg = cfg.train
+    amp = cfg.compute.amp and device.type == "cuda"
+    channels_last = cfg.compute.channels_last and device.type == "cuda"
+    epochs = train_cfg.epochs
+    end_epoch = epochs if max_epochs is None else min(epochs, max_epochs)
+
+    core = unwrap_model(model)
+    if core is model:
+        if channels_last:
+            model.to(device, memory_format=torch.channels_last)
+        else:
+            model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.optim,
+        epochs,
+        _resolve_steps_per_epoch(cfg, steps_per_epoch),
+        mode=train_cfg.monitor_mode,
+    )
+    loss_fn = build_loss(cfg.loss).to(device)
+    l1, l2 = cfg.loss.l1_penalty, cfg.loss.l2_penalty
+    penalty = (lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None
+    stopper = EarlyStopping(
+        train_cfg.monitor, train_cfg.monitor_mode, train_cfg.early_stop_patience, train_cfg.early_stop_min_delta
+    )
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    last_path = run_path / "checkpoints" / "last.pt" if run_path else None
+    best_path = run_path / "checkpoints" / "best.pt" if run_path else None
+    config_dict = cfg.to_dict()
+
+    history: list[dict[str, Any]] = []
+    best_metrics: dict[str, Any] = {}
+    start_epoch = 0
+    stopped_early = False
+    source = resume_from
+    if source is None and resume and last_path is not None and last_path.exists():
+        source = last_path
+    if source is not None:
+        state = load_checkpoint(source, map_location="cpu")
+        saved_config = _flatten(state.get("config") or {})
+        changed = {k: v for k, v in _flatten(config_dict).items() if saved_config.get(k, v) != v}
+        if changed:
+            logger.warning(
+                "resuming %s with a changed config %s; the optimizer and scheduler continue from "
+                "their saved state",
+                source,
+                changed,
+            )
+        core.load_state_dict(strip_module_prefix(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        history = list(state["history"])
+        best_metrics = dict(state.get("best_metrics") or {})
+        start_epoch = int(state["epochs_completed"])
+        stopped_early = bool(state.get("stopped_early", False))
+        # Last, so nothing above (model building by the caller included) shifts the streams.
+        restore_rng_state(state["rng"])
+        logger.info("resumed %s after epoch %d/%d", source, start_epoch, epochs)
+    else:
+        torch.manual_seed(train_cfg.seed)
+        np.random.seed(train_cfg.seed)
+        random.seed(train_cfg.seed)
+        if best_path is not None and best_path.exists():
+            best_path.unlink()  # a stale best.pt from an earlier run must not outlive it
+
+    if run_path is not None:
+        _write_text_atomic(run_path / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+        # Rewritten from the checkpoint's history: epochs logged after the last checkpoint of a
+        # crashed run are dropped, and a fresh run starts an empty file.
+        _write_text_atomic(run_path / "metrics.jsonl", "".join(_json_line(m) + "\n" for m in history))
+
+    max_steps = train_cfg.max_steps_per_epoch
+    for epoch in range(start_epoch, end_epoch):
+        if stopped_early:
+            break
+        epoch_start = time.perf_counter()
+        rng = np.random.default_rng([train_cfg.seed, epoch])
+        batches: Iterable[Batch] = train_batches(epoch, rng)
+        if max_steps > 0:
+            batches = itertools.islice(batches, max_steps)
+        train_stats = train_epoch(
+            model,
+            batches,
+            optimizer,
+            loss_fn,
+            device=device,
+            scheduler=scheduler if scheduler_steps_per_batch(scheduler) else None,
+            amp=amp,
+            grad_clip_norm=cfg.optim.grad_clip_norm,
+            penalty=penalty,
+            channels_last=channels_last,
+        )
+        lr = float(optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
+        val_stats = evaluate(
+            model, val_batches(), device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn
+        )
+        metrics: dict[str, Any] = {"epoch": epoch}
+        for key, value in train_stats.items():
+            metrics[key if key.startswith("train_") else f"train_{key}"] = value
+        metrics.update(val_stats)
+        if train_cfg.monitor not in metrics:
+            raise KeyError(
+                f"train.monitor: {train_cfg.monitor!r} is not a reported metric; "
+                f"choose from {sorted(k for k in metrics if k != 'epoch')}"
+            )
+        monitored = float(metrics[train_cfg.monitor])
+        step_epoch_scheduler(scheduler, monitored)
+        stop = stopper.step(monitored)
+        metrics["lr"] = lr
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        metrics = _plain(metrics)
+        history.append(metrics)
+        if stopper.improved:
+            best_metrics = metrics
+        stopped_early = stop
+
+        if run_path is not None:
+            save_checkpoint(
+                last_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "kind": "last",
+                    "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "epochs_completed": epoch + 1,
+                    "early_stopping": stopper.state_dict(),
+                    "stopped_early": stopped_early,
+                    "best_metrics": best_metrics or None,
+                    "history": history,
+                    "rng": capture_rng_state(),
+                    "config": config_dict,
+                },
+            )
+            if stopper.improved:
+                # Weights only: prediction needs no optimizer state (which would triple the size).
+                save_checkpoint(
+                    best_path,
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "kind": "best",
+                        "model": core.state_dict(),
+                        "epoch": epoch,
+                        "metrics": metrics,
+                        "config": config_dict,
+                    },
+                )
+            _write_text_atomic(run_path / "metrics.jsonl", "".join(_json_line(m) + "\n" for m in history))
+
+        train_seconds = max(train_stats["seconds"], 1e-9)
+        monitor_text = "" if train_cfg.monitor == "val_dice" else f"  {train_cfg.monitor} {monitored:.4f}"
+        logger.info(
+            "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (empty %.4f, pos %.4f)%s%s  "
+            "lr %.2e  %.1fs, data wait %.0f%%",
+            epoch + 1,
+            epochs,
+            metrics["train_loss"],
+            metrics["train_dice"],
+            metrics["val_dice"],
+            metrics["val_empty_dice"],
+            metrics["val_dice_pos"],
+            monitor_text,
+            " *best" if stopper.improved else "",
+            lr,
+            metrics["seconds"],
+            100.0 * train_stats["data_wait_seconds"] / train_seconds,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, str(last_path) if last_path is not None else None)
+        if stop:
+            logger.info(
+                "early stop after epoch %d: %s did not improve for %d epochs (best %.4f)",
+                epoch + 1,
+                train_cfg.monitor,
+                stopper.epochs_since_best,
+                stopper.best if stopper.best is not None else float("nan"),
+            )
+
+    checkpoint = None
+    if best_path is not None and best_path.exists():
+        checkpoint = str(best_path)
+    elif last_path is not None and last_path.exists():
+        checkpoint = str(last_path)
+    return FitResult(
+        history=history,
+        best=best_metrics,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        checkpoint=checkpoint,
+        last_checkpoint=str(last_path) if last_path is not None and last_path.exists() else None,
+    )
+
+
+__all__ = [
+    "EarlyStopping",
+    "FitResult",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "batch_from_numpy",
+    "build_optimizer",
+    "build_scheduler",
+    "epoch_indices",
+    "evaluate",
+    "fit",
+    "positive_rate_for_epoch",
+    "scheduler_steps_per_batch",
+    "step_epoch_scheduler",
+    "train_epoch",
+    "unwrap_model",
+]
