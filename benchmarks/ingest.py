@@ -67,7 +67,7 @@ from ptxray import ray_data
 from ptxray.config import load_config
 data, cache, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = load_config(None, [f"preprocess.image_size_px={size}"])
-ray_data.init_ray("", num_cpus=None, include_dashboard=False)
+ray_data.init_ray("")
 from ray.data import DataContext
 DataContext.get_current().enable_progress_bars = False
 t = time.perf_counter()

@@ -100,10 +100,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = args.cache or cfg.data.cache
     if not cache:
         raise ConfigError("train needs --cache (a prepared cache: <root>/<key> or a root holding one)")
+    if args.ray:
+        from ptxray import ray_data, ray_train
+
+        started = ray_data.init_ray(args.address or cfg.compute.address)
+        try:
+            result = ray_train.run_fold(cfg, cache, run_name=args.run_name or f"train-fold{cfg.train.fold}")
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}")
+        return 0
     run_dir = Path(args.run_dir or Path(cfg.compute.storage_path) / f"train-fold{cfg.train.fold}")
     result = train_fold(cfg, cache, run_dir, resume=not args.no_resume, device=args.device, progress=sys.stderr.isatty())
     best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
     print(f"run folder: {run_dir}\nbest epoch: {best}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_kfold(args: argparse.Namespace) -> int:
+    from ptxray import ray_data, ray_tune
+
+    overrides = list(args.overrides)
+    if args.no_early_stop:
+        overrides.append("search.early_stop=false")
+    if args.name:
+        overrides.append(f"search.name={args.name}")
+    cfg = load_config(args.config, overrides)
+    images, labels, cache = args.images or cfg.data.images, args.labels or cfg.data.labels, args.cache or cfg.data.cache
+    if not cache:
+        raise ConfigError("kfold needs --cache (or data.cache): where the decode-once cache lives or will be written")
+    started = ray_data.init_ray(args.address or cfg.compute.address)
+    try:
+        if images and labels:
+            # Reuses a complete cache for these inputs without decoding anything.
+            prepared = ray_data.prepare(cfg, images=images, labels=labels, cache=cache)
+            print_prepare_summary(prepared)
+            cache = prepared["cache"]
+        ray_tune.run_experiment(cfg, cache, max_concurrent_trials=args.max_concurrent_trials)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return 0
 
 
@@ -119,6 +160,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ptxray.demo import run_demo
 
     return run_demo(Path(args.workdir), n=args.n)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from ptxray import ray_cluster
+
+    try:
+        if args.action == "up":
+            if args.port != "auto" and not args.port.isdigit():
+                raise ValueError(f"--port {args.port!r}: expected a port number or 'auto'")
+            gcs_port = 0 if args.port == "auto" else int(args.port)
+            c = ray_cluster.start_local_cluster(
+                args.state_dir,
+                num_cpus=args.num_cpus,
+                workers=args.workers,
+                worker_cpus=args.worker_cpus,
+                dashboard_port=args.dashboard_port,
+                gcs_port=gcs_port,
+            )
+            exports = " ".join(f"{k}={v}" for k, v in c.env().items())
+            print(
+                f"Ray cluster up: {c.nodes} node(s), GCS {c.gcs_address}, token authentication on\n"
+                f"dashboard: {c.dashboard_url}  (it asks for the token in {c.token_path})\n"
+                f"logs:      {c.state_dir / 'logs'}\n\n"
+                f"submit a job:\n"
+                f"  export {exports}\n"
+                f"  ray job submit --working-dir . -- python jobs/kfold.py --config kfold\n\n"
+                f"stop it:   ptxray cluster down --state-dir {c.state_dir}"
+            )
+            return 0
+        if args.action == "down":
+            c = ray_cluster.load_cluster(args.state_dir)
+            ray_cluster.stop_local_cluster(c)
+            left = ray_cluster.alive_pids(c)
+            print(f"stopped the cluster at {c.dashboard_url}" + (f"; still alive: {left}" if left else ""))
+            return 1 if left else 0
+        c = ray_cluster.load_cluster(args.state_dir)
+        ok, detail = ray_cluster.dashboard_answers(c)
+        alive = ray_cluster.alive_pids(c)
+        print(json.dumps(c.to_json(), indent=2))
+        print(f"processes alive: {len(alive)}")
+        print(f"dashboard {c.dashboard_url}: {'answers, ' if ok else 'does not answer: '}{detail}")
+        return 0 if ok else 1
+    except ray_cluster.ClusterError as e:
+        print(f"ptxray cluster {args.action}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,18 +239,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="output folder (default: <compute.storage_path>/train-fold<K>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when compute.use_gpu and available)")
+    p.add_argument("--ray", action="store_true", help="train on Ray Train (compute.num_workers DDP workers) instead of in-process")
+    p.add_argument("--run-name", help="with --ray: the Train run's name under compute.storage_path (the same name resumes)")
+    p.add_argument("--address", default="", help="with --ray: Ray address (default: the job's cluster, else embedded)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("kfold", help="K-fold x grid experiment on Ray Tune (prepares the cache first if needed)")
+    p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
+    p.add_argument("--labels", help="label CSV")
+    p.add_argument("--cache", help="cache root (or a complete cache)")
+    p.add_argument("--name", help="experiment name (search.name); the same name resumes")
+    p.add_argument("--no-early-stop", action="store_true", help="run every trial to the end (no ASHA)")
+    p.add_argument("--max-concurrent-trials", type=int, help="default: what the cluster's CPUs/GPUs fit")
+    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_kfold)
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("file", nargs="?", help="YAML file or shipped recipe name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("demo", help="what `make demo` runs: synthetic data -> prepare -> summary")
+    p = sub.add_parser("demo", help="what `make demo` runs: synthetic data -> local Ray head -> ray job submit jobs/kfold.py")
     p.add_argument("--workdir", default="demo-data")
-    p.add_argument("--n", type=int, default=120)
+    p.add_argument("--n", type=int, default=200, help="number of synthetic images")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cluster", help="a local Ray head (dashboard + Jobs API, token auth) for `ray job submit`")
+    actions = p.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start a head (and optional extra worker nodes) on free ports")
+    up.add_argument("--dashboard-port", type=int, default=8265, help="0 picks a free port")
+    up.add_argument("--port", default="auto", help="GCS port, or 'auto' for a free one")
+    up.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    up.add_argument("--workers", type=int, default=0, help="extra worker nodes on this machine")
+    up.add_argument("--worker-cpus", type=int, default=1, help="CPUs each extra worker node offers")
+    actions.add_parser("down", help="stop exactly the processes `up` started")
+    actions.add_parser("status", help="print the recorded cluster and whether its dashboard answers")
+    for a in actions.choices.values():
+        a.add_argument("--state-dir", default=".ptxray/cluster", help="where the token and cluster.json live")
+    p.set_defaults(func=cmd_cluster)
     return parser
 
 

@@ -723,15 +723,17 @@ def fit(
         train_seconds = max(train_stats["seconds"], 1e-9)
         monitor_text = "" if train_cfg.monitor == "val_dice" else f"  {train_cfg.monitor} {monitored:.4f}"
         logger.info(
-            "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (empty %.4f, pos %.4f)%s%s  "
+            "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (cls-gated %.4f, empty %.4f, pos %.4f, auc %.3f)%s%s  "
             "lr %.2e  %.1fs, data wait %.0f%%",
             epoch + 1,
             epochs,
             metrics["train_loss"],
             metrics["train_dice"],
             metrics["val_dice"],
+            metrics["val_dice_cls"],
             metrics["val_empty_dice"],
             metrics["val_dice_pos"],
+            metrics["val_auc"],
             monitor_text,
             " *best" if stopper.improved else "",
             lr,

@@ -33,6 +33,7 @@ _FIELDS = (
     "fp",
     "tn",
     "fn",
+    "dice_cls_sum",
 )
 _IDX = {name: i for i, name in enumerate(_FIELDS)}
 _N_FIELDS = len(_FIELDS)
@@ -99,7 +100,8 @@ class SegMetrics:
 
     Reported (with `prefix`): `dice` (mean per-image Dice, competition rule), `dice_pos` (mean Dice
     over images whose true mask is non-empty), `iou`, `empty_dice` (what predicting empty everywhere
-    scores on the same images = fraction of empty masks), `auc`, `sensitivity`, `specificity` (of
+    scores on the same images = fraction of empty masks), `dice_cls` (competition Dice when the
+    classification head decides empty vs non-empty: the mask counts only where it says positive), `auc`, `sensitivity`, `specificity` (of
     sigmoid(cls_logits) >= cls_threshold against the label), `n_images`, `n_positive` (non-empty
     true masks). A ratio with a zero denominator is NaN: no images -> everything NaN; no positive
     masks -> `dice_pos` NaN; a single label class -> `auc` and one of sensitivity/specificity NaN.
@@ -217,6 +219,9 @@ class SegMetrics:
                 count(decided_pos & ~is_pos),  # fp
                 count(~decided_pos & ~is_pos),  # tn
                 count(~decided_pos & is_pos),  # fn
+                # The classification head decides empty vs non-empty: an image it calls negative is
+                # predicted empty, which scores 1 on an empty mask and 0 otherwise.
+                torch.where(decided_pos, dice, 1.0 - positive).sum(),
             ]
         )
         bins = self._bin_index(logits)  # (B,)
@@ -270,6 +275,7 @@ class SegMetrics:
             "dice_pos": ratio(s["dice_pos_sum"], s["n_positive"]),
             "iou": ratio(s["iou_sum"], n),
             "empty_dice": ratio(s["empty_dice_sum"], n),
+            "dice_cls": ratio(s["dice_cls_sum"], n),
             "auc": histogram_auc(hist_pos, hist_neg),
             "sensitivity": ratio(s["tp"], s["tp"] + s["fn"]),
             "specificity": ratio(s["tn"], s["tn"] + s["fp"]),

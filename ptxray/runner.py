@@ -1,7 +1,7 @@
 """Train one fold in this process, no Ray: the cache -> augmented batches -> `engine.fit`.
 
-The Ray Train worker loop (ray_train.py) uses the same `batches_from_arrays` on its shard, so the
-data a model sees does not depend on where it trains.
+The Ray Train worker loop (ray_train.py) builds its batches with the same `augmented_batch`, so
+the data a model sees does not depend on where it trains.
 """
 
 from __future__ import annotations
@@ -38,12 +38,21 @@ def batches_from_arrays(
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
         sel = indices[b * batch_size : (b + 1) * batch_size]
-        imgs, msks = images[sel], masks[sel]
-        if pipeline is not None:
-            pairs = [augment(i, m, pipeline, rng) for i, m in zip(imgs, msks)]
-            imgs = np.stack([p[0] for p in pairs])
-            msks = np.stack([p[1] for p in pairs])
-        yield batch_from_numpy(imgs, msks)
+        yield augmented_batch(images[sel], masks[sel], pipeline, rng)
+
+
+def augmented_batch(
+    images: np.ndarray,  # uint8 (B, C, S, S)
+    masks: np.ndarray,  # uint8 (B, S, S)
+    pipeline: Any = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One batch, each pair augmented in order with randomness from `rng` (pipeline None: as is)."""
+    if pipeline is not None:
+        pairs = [augment(i, m, pipeline, rng) for i, m in zip(images, masks)]
+        images = np.stack([p[0] for p in pairs])
+        masks = np.stack([p[1] for p in pairs])
+    return batch_from_numpy(images, masks)
 
 
 @dataclass

@@ -115,10 +115,15 @@ def ray_local(moto_s3):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ptxr-", dir="/tmp")
+    # Four logical CPUs on two cores: a 1-CPU Train worker, the Ray Data reads and metadata tasks
+    # that feed it, and a finishing trial's cleanup must all find room, or a trial waits forever.
     ray.init(
         address="local",
-        num_cpus=2,
-        include_dashboard=False,
+        num_cpus=4,
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls: without
+        # it a stopped trial's placement group (its CPUs) is never released. Bound to 127.0.0.1.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _temp_dir=temp_dir,
         log_to_driver=False,
         configure_logging=False,
@@ -141,3 +146,22 @@ def synth_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     generate(str(out), n=24, size=256, positive_rate=0.25, seed=3)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    """A real local Ray cluster of our own (`ray start`: a head + one extra worker node, two CPUs
+    each (logical), dashboard and Jobs API with token auth on free ports), stopped after the module; its
+    processes must all be gone afterwards. Submit jobs with `ptxray.ray_cluster.submit_job`."""
+    from ptxray.ray_cluster import alive_pids, start_local_cluster, stop_local_cluster
+
+    state = tmp_path_factory.mktemp("ray-cluster")
+    cluster = start_local_cluster(
+        state, num_cpus=2, workers=1, worker_cpus=2, object_store_memory_bytes=200 * 1024**2, timeout_s=180
+    )
+    try:
+        yield cluster
+    finally:
+        stop_local_cluster(cluster)
+    assert alive_pids(cluster) == [], "processes of the local cluster survived stop_local_cluster"
+    assert not cluster.temp_dir.exists()

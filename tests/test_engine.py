@@ -184,7 +184,7 @@ def test_evaluate_prefixes_metrics_and_restores_mode():
     model.train()
     out = evaluate(model, tiny_batches(3), device="cpu", loss_fn=build_loss(LossConfig()))
     assert model.training
-    expected = {"dice", "dice_pos", "iou", "auc", "sensitivity", "specificity", "empty_dice", "n_images", "n_positive", "loss"}
+    expected = {"dice", "dice_cls", "dice_pos", "iou", "auc", "sensitivity", "specificity", "empty_dice", "n_images", "n_positive", "loss"}
     assert set(out) == {f"val_{k}" for k in expected}
     assert out["val_n_images"] == 6
     # Deterministic in eval mode despite dropout.

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from ptxray.metrics import SegMetrics, dice_per_image, histogram_auc, iou_per_image
 
-KEYS = {"dice", "dice_pos", "iou", "auc", "sensitivity", "specificity", "empty_dice", "n_images", "n_positive"}
+KEYS = {"dice", "dice_cls", "dice_pos", "iou", "auc", "sensitivity", "specificity", "empty_dice", "n_images", "n_positive"}
 
 
 def _masks(*flat_lists, size=4):
@@ -246,3 +246,23 @@ def test_cuda_update_matches_cpu():
     assert gpu.state().device.type == "cuda"
     cpu.update(*(t.to(torch.bfloat16) for t in batch[:2]), *batch[2:])
     _assert_same(gpu.compute(), cpu.compute())
+
+
+def test_dice_cls_empties_the_mask_where_the_classifier_says_negative():
+    # Four 2x2 images: (true mask, predicted mask, classifier logit)
+    true = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.float32).reshape(4, 1, 2, 2)
+    pred = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.float32).reshape(4, 1, 2, 2)
+    seg_logits = (pred * 2 - 1) * 10
+    cls_logits = torch.tensor([[5.0], [-5.0], [5.0], [-5.0]])
+    label = true.flatten(1).amax(1, keepdim=True)
+    m = SegMetrics()
+    m.update(seg_logits, cls_logits, true, label)
+    out = m.compute()
+    # raw: 1 (perfect), 0 (FP on empty), 0 (FP on empty), 1 (perfect)
+    assert out["val_dice"] == pytest.approx(0.5)
+    # gated: 1 (kept, perfect), 1 (emptied, true empty), 0 (kept FP), 0 (emptied, true positive)
+    assert out["val_dice_cls"] == pytest.approx(0.5)
+    cls_logits2 = torch.tensor([[5.0], [-5.0], [-5.0], [5.0]])
+    m2 = SegMetrics()
+    m2.update(seg_logits, cls_logits2, true, label)
+    assert m2.compute()["val_dice_cls"] == pytest.approx(1.0)

@@ -1,0 +1,471 @@
+"""The Ray Train (V2) adapter: one fold trained by a `TorchTrainer` over the Parquet cache.
+
+`make_trainer` wires the pieces; `train_loop_per_worker` is the code every worker runs. The
+training itself is `engine.fit`: this module only turns Ray's dataset shards into batches,
+DDP-wraps the model, and reports each epoch.
+
+What a run does:
+- Data: `ray_data.fold_datasets(cache, train.fold)` gives (train, val) Ray datasets. Both are
+  split across the workers: train with `streaming_split(equal=True)` (every rank the same number
+  of rows, hence of DDP steps; up to world_size - 1 rows an epoch are left out), val with
+  `equal=False` (no image is dropped; ranks may hold different numbers of validation batches,
+  which `engine.evaluate` supports since it runs the unwrapped model). Each worker streams its
+  shard with a local shuffle buffer and augments on the worker (`runner.augmented_batch`, the
+  same code as the in-process runner), in a background thread that starts each stream one step
+  early (`ShardStreams`): val while the epoch trains, the next epoch's train while it validates.
+  Randomness: epoch e on rank r draws from `default_rng([train.seed, e, r])`, fit's epoch seed
+  plus the rank, so ranks augment differently and a rank's stream is reproducible for a given
+  block arrival order (which Ray Data's streaming does not fix: the streaming path is not
+  bit-reproducible, unlike `ptxray.runner`).
+- Metrics: `engine.train_epoch` / `engine.evaluate` all-reduce their sums over the process group,
+  so every rank reports the same numbers. EVERY rank calls `ray.train.report` once per epoch
+  (Ray's report is a barrier); rank 0 attaches the checkpoint.
+- Checkpoints: rank 0 runs `fit` with a local temporary run folder; after each epoch its
+  `checkpoints/last.pt` (full state), `checkpoints/best.pt` (best weights so far) and
+  `config.yaml` / `metrics.jsonl` are reported as the directory checkpoint
+  `checkpoint_epoch_<NNNN>` (NNNN = the 0-based epoch). `CheckpointConfig(num_to_keep=2)`: Ray
+  keeps the two most recent; the best weights survive inside each as best.pt.
+- Failures: `FailureConfig(max_failures=compute.max_failures)`. When a worker dies, Ray restarts the
+  whole worker group and `ray.train.get_checkpoint()` returns the latest reported checkpoint; every
+  rank downloads it and passes its last.pt to `fit(resume_from=...)`, which continues at the next
+  epoch with the optimizer, scheduler, early-stopping and RNG state of that checkpoint. A new
+  `fit()` with the same `run_name` and storage finds the run's checkpoint snapshot and resumes too.
+- Storage: `compute.storage_path` (or `storage_path=`) is a local folder or `s3://bucket/prefix`;
+  S3 goes through `storage.s3_filesystem_from_env()` so custom endpoints (MinIO, moto) work.
+
+Reported per epoch (plain python numbers; NaN allowed): every metric of `engine.fit` as float
+(train_loss, train_dice, train_seconds, train_data_wait_seconds, val_dice, val_dice_pos, val_iou,
+val_auc, val_empty_dice, val_loss, lr, seconds, ...), plus `epoch` (0-based int),
+`epochs_completed` (int, = epoch + 1, monotone across restarts, a good Tune `time_attr`) and
+`data_wait_fraction` (train_data_wait_seconds / train_seconds of this rank's train epoch).
+
+Not on this path: positive oversampling (`train.pos_rate_start` / `pos_rate_end`) needs random
+access to the labels of the whole split, which a streamed shard does not have; when set, a
+warning is logged (once per process) and the natural rate is used.
+
+Test and benchmark hooks (never set in production) in `train_loop_config`:
+- `debug_dir`: each rank writes `start-rank<R>-pid<PID>.json` when it starts and appends one JSON
+  line per epoch (rank, pid, time, reported metrics) to `epochs-rank<R>.jsonl`.
+- `debug_hold_after_epoch`: on an attempt that did not resume from a checkpoint, every rank waits
+  after reporting that epoch until `<debug_dir>/release` exists (at most 300 s), so a test can kill
+  a worker at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ptxray import ray_data
+from ptxray.augment import build_augment
+from ptxray.cache import Cache, table_to_arrays
+from ptxray.config import Config, config_from_dict
+from ptxray.engine import fit
+from ptxray.models import build_model
+from ptxray.runner import augmented_batch
+from ptxray.storage import is_uri, s3_filesystem_from_env
+
+log = logging.getLogger("ptxray")
+
+CHECKPOINTS_TO_KEEP = 2
+CHECKPOINT_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "config.yaml", "metrics.jsonl")
+_INT_METRICS = ("epoch", "epochs_completed")
+_warned: set[tuple] = set()
+
+
+# ---- the trainer (driver side) ---------------------------------------------------------------
+class FoldDataConfig(DataConfig):
+    """Split "train" with equal shards (DDP needs equal step counts) and "val" without dropping rows.
+
+    Ray's DataConfig splits every dataset with `streaming_split(equal=True)`, which drops up to
+    world_size - 1 rows: harmless for training, but validation metrics must cover the whole fold.
+    """
+
+    def __init__(self, equal: Sequence[str] = ("train",), unequal: Sequence[str] = ("val",)):
+        super().__init__(datasets_to_split=[*equal, *unequal])
+        self._equal = set(equal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        locality = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in self._datasets_to_split:
+                splits = ds.streaming_split(world_size, equal=name in self._equal, locality_hints=locality)
+                for rank, split in enumerate(splits):
+                    output[rank][name] = split
+            else:
+                for rank in range(world_size):
+                    output[rank][name] = ds.iterator()
+        return output
+
+
+def storage_for_ray(storage_path: str) -> tuple[str, Any]:
+    """(path, filesystem) for `RunConfig`: S3 through our endpoint-aware filesystem, locals absolute."""
+    if not storage_path:
+        raise ValueError("compute.storage_path: empty; give a local folder or s3://bucket/prefix")
+    if is_uri(storage_path):
+        scheme, rest = storage_path.split("://", 1)
+        if scheme.lower() in ("s3", "s3a"):
+            rest = rest.strip("/")
+            if not rest:
+                raise ValueError(f"compute.storage_path {storage_path!r}: an S3 URI needs a bucket")
+            return rest, s3_filesystem_from_env()
+        return storage_path, None  # gs://, file://, ...: pyarrow resolves them itself
+    return str(Path(storage_path).expanduser().absolute()), None
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """`ScalingConfig.resources_per_worker`: {"CPU": compute.cpus_per_worker} (+ 1 GPU via use_gpu).
+
+    `cpus_per_worker=0` reserves no whole CPU: right for GPU workers (Ray's own default), and for
+    CPU workers on a small machine, where Ray Data's tasks need the CPUs (each read task asks for a
+    whole CPU, so workers holding every CPU would wait for their data forever). Ray refuses an
+    all-zero placement-group bundle, so a CPU worker then reserves a token 0.01 CPU.
+    """
+    cpus = float(cfg.compute.cpus_per_worker)
+    if cpus < 0:
+        raise ValueError(f"compute.cpus_per_worker: must be >= 0, got {cfg.compute.cpus_per_worker}")
+    if cpus == 0 and not cfg.compute.use_gpu:
+        cpus = 0.01
+    return {"CPU": cpus}
+
+
+def _check_cache_channels(cfg: Config, cache_uri: str) -> None:
+    channels = (Cache.open(cache_uri).manifest.get("summary") or {}).get("preprocess", {}).get("channels")
+    if channels is not None and len(channels) != cfg.model.in_channels:
+        raise ValueError(
+            f"{cache_uri}: the cache has {len(channels)} channels {list(channels)} but model.in_channels is "
+            f"{cfg.model.in_channels}; prepare a cache with preprocess.channels={list(cfg.preprocess.channels)}"
+        )
+
+
+def _warn_no_oversampling(cfg: Config) -> None:
+    rates = (cfg.train.pos_rate_start, cfg.train.pos_rate_end)
+    if any(rates) and rates not in _warned:
+        _warned.add(rates)
+        log.warning(
+            "train.pos_rate_start=%s / pos_rate_end=%s: positive oversampling is not available when "
+            "training on Ray Train (streamed shards); using the natural positive rate",
+            *rates,
+        )
+
+
+def make_trainer(
+    cfg: Config,
+    cache_uri: str,
+    *,
+    run_name: str,
+    storage_path: str | None = None,
+    callbacks: Sequence = (),
+) -> TorchTrainer:
+    """A TorchTrainer for fold `cfg.train.fold` of the cache; `run_name` names its storage folder.
+
+    Give the same `run_name` (and storage) to a restarted run so it resumes from its checkpoints.
+    `storage_path` overrides `cfg.compute.storage_path`. `callbacks` go to `RunConfig(callbacks=...)`
+    (e.g. Tune's `TuneReportCallback`).
+    """
+    if not run_name or "/" in run_name:
+        raise ValueError(f"make_trainer: run_name must be a non-empty folder name, got {run_name!r}")
+    compute = cfg.compute
+    if compute.num_workers < 1:
+        raise ValueError(f"compute.num_workers: must be >= 1, got {compute.num_workers}")
+    _check_cache_channels(cfg, cache_uri)
+    _warn_no_oversampling(cfg)
+    train_ds, val_ds = ray_data.fold_datasets(cache_uri, cfg.train.fold)
+    path, filesystem = storage_for_ray(storage_path or compute.storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_uri},
+        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=compute.num_workers,
+            use_gpu=compute.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=FoldDataConfig(),
+    )
+
+
+def run_fold(cfg: Config, cache_uri: str, *, run_name: str, storage_path: str | None = None) -> "ray.train.Result":
+    """Train one fold on Ray Train and return its Result (`result.checkpoint` holds last.pt/best.pt)."""
+    return make_trainer(cfg, cache_uri, run_name=run_name, storage_path=storage_path).fit()
+
+
+# ---- the worker loop -------------------------------------------------------------------------
+def _shard_batches(
+    shard: Any, batch_size: int, pipeline: Any = None, rng: np.random.Generator | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from a Ray Data shard of cache rows; shuffled and augmented when rng is given."""
+    shuffle = {}
+    if rng is not None:
+        # A few batches of rows: shuffles within and across the blocks streaming in, bounded memory.
+        shuffle = dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(2**31)))
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **shuffle):
+        images, masks, _ = table_to_arrays(table)  # (B, C, S, S), (B, S, S)
+        yield augmented_batch(images, masks, pipeline, rng)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetch:
+    """Iterate `make()` in a daemon thread, at most `depth` items ahead of the consumer.
+
+    Each epoch of a streamed shard starts a Ray Data execution whose first rows take a second or
+    more to arrive (scheduling the listing and read tasks); a stream started early hides that
+    behind the previous step of the epoch. Batches are built (decoded and augmented) in the
+    thread too: OpenCV and torch release the GIL, so this overlaps with the training step.
+    Single use; `close()` stops the thread at its next item.
+    """
+
+    _END = object()
+
+    def __init__(self, make: Callable[[], Iterable], depth: int = 4, name: str = "ptxray-prefetch"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(make,), daemon=True, name=name)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, make: Callable[[], Iterable]) -> None:
+        try:
+            for item in make():
+                if not self._put(item):
+                    return  # closed: leaving the loop closes the generator and its Ray iterator
+        except BaseException as e:  # handed to the consumer, which re-raises it in its thread
+            self._put(_Failure(e))
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class ShardStreams:
+    """The train and val batch streams of one worker, each started one step before it is needed.
+
+    `train(epoch)` returns the epoch's train stream (started during the previous validation when
+    possible) and starts this epoch's val stream; `val()` returns that and starts the next epoch's
+    train stream. Every rank does the same, so the streaming splits' per-epoch barriers line up.
+
+    Randomness of epoch e on rank r: `default_rng([train.seed, e, r])` (fit's epoch generator is
+    `default_rng([train.seed, e])`; the rank is added so ranks differ, and the stream can be built
+    before fit asks for it). It seeds the shuffle buffer, then the augmentation.
+    """
+
+    def __init__(self, cfg: Config, train_shard: Any, val_shard: Any, rank: int, depth: int = 4):
+        self._cfg, self._train_shard, self._val_shard = cfg, train_shard, val_shard
+        self._rank, self._depth = rank, depth
+        self._epoch = -1
+        self._train: Prefetch | None = None
+        self._next_train: tuple[int, Prefetch] | None = None
+        self._val: Prefetch | None = None
+
+    def _start_train(self, epoch: int) -> Prefetch:
+        rng = np.random.default_rng([self._cfg.train.seed, epoch, self._rank])
+        # One pipeline per stream: augment re-seeds its pipeline, so two threads must not share one.
+        pipeline = build_augment(self._cfg.augment.recipe, self._cfg.preprocess.image_size_px)
+        size = self._cfg.train.batch_size
+        return Prefetch(lambda: _shard_batches(self._train_shard, size, pipeline, rng), self._depth, f"train-{epoch}")
+
+    def _start_val(self) -> Prefetch:
+        size = self._cfg.train.batch_size
+        return Prefetch(lambda: _shard_batches(self._val_shard, size), self._depth, "val")
+
+    def train(self, epoch: int) -> Prefetch:
+        self._epoch = epoch
+        if self._next_train is not None and self._next_train[0] == epoch:
+            self._train = self._next_train[1]
+        else:  # first epoch of this worker group (fresh or resumed)
+            if self._next_train is not None:
+                self._next_train[1].close()
+            self._train = self._start_train(epoch)
+        self._next_train = None
+        if self._val is not None:
+            self._val.close()
+        self._val = self._start_val()
+        return self._train
+
+    def val(self) -> Prefetch:
+        if self._train is not None:
+            self._train.close()  # a no-op when consumed; stops it when max_steps_per_epoch cut it
+        stream = self._val if self._val is not None else self._start_val()
+        self._val = None
+        if 0 <= self._epoch and self._epoch + 1 < self._cfg.train.epochs:
+            self._next_train = (self._epoch + 1, self._start_train(self._epoch + 1))
+        return stream
+
+    def close(self) -> None:
+        for stream in (self._train, self._val, self._next_train[1] if self._next_train else None):
+            if stream is not None:
+                stream.close()
+
+
+def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key in _INT_METRICS:
+            out[key] = int(value)
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif value is None:
+            out[key] = math.nan
+    out["epochs_completed"] = int(metrics["epoch"]) + 1
+    seconds = out.get("train_seconds", 0.0)
+    out["data_wait_fraction"] = out.get("train_data_wait_seconds", math.nan) / seconds if seconds > 0 else math.nan
+    return out
+
+
+def _write_json_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _restore(checkpoint: Any, into: Path) -> Path:
+    local = Path(checkpoint.to_directory(str(into)))
+    last = local / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"{checkpoint.path}: the reported checkpoint has no checkpoints/last.pt to resume from")
+    return last
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Run by every Ray Train worker: config = {"cfg": cfg.to_dict(), "cache": cache_uri} (+ debug keys)."""
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    debug_dir = Path(config["debug_dir"]) if config.get("debug_dir") else None
+    hold_after = config.get("debug_hold_after_epoch")
+    work = Path(tempfile.mkdtemp(prefix=f"ptxray-rank{rank}-"))
+    streams: ShardStreams | None = None
+    try:
+        resume_from = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume_from = _restore(checkpoint, work / "restored")
+            log.info("rank %d: resuming from %s", rank, checkpoint.path)
+        if debug_dir is not None:
+            debug_dir.mkdir(parents=True, exist_ok=True)
+            start = {"rank": rank, "pid": os.getpid(), "resumed": checkpoint is not None,
+                     "threads": torch.get_num_threads(), "time": time.time()}
+            (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = build_model(cfg.model)
+        if device.type == "cuda" and cfg.compute.channels_last:
+            # Before DDP wraps it: DDP's buckets follow the parameters' layout at construction.
+            model = model.to(device, memory_format=torch.channels_last)
+        model = ray.train.torch.prepare_model(model)
+
+        streams = ShardStreams(cfg, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), rank)
+        batch_size = cfg.train.batch_size
+
+        def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
+            # rng (fit's default_rng([seed, epoch])) is not drawn from: the stream may have been
+            # started before this call, from the same seed material plus the rank.
+            return iter(streams.train(epoch))
+
+        def val_batches() -> Iterator:
+            return iter(streams.val())
+
+        # Rows per rank after the equal split, for onecycle's plan.
+        n_train = len(Cache.open(config["cache"]).split_ids(cfg.train.fold)[0]) // world_size
+        steps = max(1, math.ceil(n_train / batch_size))
+        run_dir = work / "run" if rank == 0 else None
+
+        def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
+            ended = time.time()
+            report = _report_metrics(metrics)
+            if rank == 0:
+                assert run_dir is not None
+                with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
+                    for rel in CHECKPOINT_FILES:
+                        src = run_dir / rel
+                        if src.exists():
+                            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copy2(src, Path(tmp) / rel)
+                    ray.train.report(
+                        report,
+                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                        checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                    )
+            else:
+                ray.train.report(report)
+            if debug_dir is not None:
+                record = {"rank": rank, "pid": os.getpid(), "time": ended, "metrics": report}
+                _write_json_line(debug_dir / f"epochs-rank{rank}.jsonl", record)
+                if hold_after is not None and epoch == int(hold_after) and checkpoint is None:
+                    (debug_dir / f"held-rank{rank}-pid{os.getpid()}").touch()
+                    deadline = time.time() + 300
+                    while not (debug_dir / "release").exists() and time.time() < deadline:
+                        time.sleep(0.2)
+
+        fit(
+            model,
+            cfg,
+            train_batches,
+            val_batches,
+            run_dir=run_dir,
+            device=device,
+            resume=False,
+            resume_from=resume_from,
+            on_epoch_end=on_epoch_end,
+            steps_per_epoch=steps,
+        )
+    finally:
+        if streams is not None:
+            streams.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["CHECKPOINTS_TO_KEEP", "FoldDataConfig", "Prefetch", "ShardStreams", "make_trainer", "run_fold", "storage_for_ray", "train_loop_per_worker", "worker_resources"]

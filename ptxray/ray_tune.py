@@ -1,0 +1,235 @@
+"""K-fold x hyperparameter grid experiments on Ray Tune, with ASHA per fold, resumable.
+
+One experiment = `search.grid` crossed with the folds. Every trial is a Tune function trainable
+that builds and fits a Ray Train `TorchTrainer` (Ray Train V2: Train-in-Tune, not
+`Tuner(trainer)`), named after the Tune trial id so a restarted trial finds its checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from ptxray.config import Config, config_from_dict
+from ptxray.summary import TrialRecord, print_summary, summarize, write_summary
+
+log = logging.getLogger("ptxray")
+
+FOLD_KEY = "fold"
+
+
+class PerFoldASHA(FIFOScheduler):
+    """ASHA with one bracket set per fold value.
+
+    A single ASHA compares every trial at a rung with every other trial there; across folds that
+    mixes fold difficulty into the decision (an easy fold's mediocre config would beat a hard
+    fold's good one). Delegating to one AsyncHyperBandScheduler per fold compares each trial only
+    with the other configurations on its own fold.
+    """
+
+    def __init__(self, fold_key: str = FOLD_KEY, **asha_kwargs: Any):
+        super().__init__()
+        self._fold_key = fold_key
+        self._asha_kwargs = asha_kwargs
+        self._children: dict[Any, AsyncHyperBandScheduler] = {}
+        self._search_properties: tuple[str | None, str | None] = (None, None)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._search_properties = (metric, mode)
+        self._metric, self._mode = metric, mode
+        for child in self._children.values():
+            child.set_search_properties(metric, mode, **spec)
+        return True
+
+    def _child(self, trial) -> AsyncHyperBandScheduler:
+        fold = trial.config.get(self._fold_key)
+        if fold not in self._children:
+            metric, mode = self._search_properties
+            kwargs = dict(self._asha_kwargs)
+            kwargs.setdefault("metric", metric)
+            kwargs.setdefault("mode", mode)
+            self._children[fold] = AsyncHyperBandScheduler(**kwargs)
+        return self._children[fold]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._child(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._child(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._child(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._child(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "PerFoldASHA: " + "; ".join(f"fold {k}: {c.debug_string()}" for k, c in sorted(self._children.items()))
+
+
+def max_epochs(cfg: Config) -> int:
+    return cfg.search.max_epochs or cfg.train.epochs
+
+
+def folds_of(cfg: Config) -> list[int]:
+    return list(cfg.search.folds) if cfg.search.folds else list(range(cfg.data.num_folds))
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """The grid crossed with the folds. Keys are dotted config keys; values must be lists."""
+    space: dict[str, Any] = {FOLD_KEY: tune.grid_search(folds_of(cfg))}
+    for key, values in cfg.search.grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"search.grid.{key}: expected a non-empty list of values, got {values!r}")
+        cfg.with_overrides({key: values[0]})  # fails early, naming the key, if it is not a config key
+        space[key] = tune.grid_search(list(values))
+    return space
+
+
+def trial_config(base: Config, trial_params: dict[str, Any]) -> Config:
+    overrides = {k: v for k, v in trial_params.items() if k != FOLD_KEY}
+    overrides["train.fold"] = int(trial_params[FOLD_KEY])
+    overrides["train.epochs"] = max_epochs(base)
+    return base.with_overrides(overrides)
+
+
+def _train_storage(cfg: Config) -> str:
+    return cfg.compute.storage_path.rstrip("/") + f"/{cfg.search.name}.train"
+
+
+def _trainable(trial_params: dict[str, Any], base: dict[str, Any], cache_uri: str) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ptxray import ray_train
+
+    cfg = trial_config(config_from_dict(base), trial_params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = ray_train.make_trainer(
+        cfg, cache_uri, run_name=f"trial-{trial_id}", storage_path=_train_storage(cfg), callbacks=[TuneReportCallback()]
+    )
+    trainer.fit()
+
+
+def default_max_concurrent_trials(cfg: Config) -> int:
+    """How many trials fit the cluster at once, given the workers each trial's TorchTrainer asks for."""
+    resources = ray.cluster_resources()
+    if cfg.compute.use_gpu:
+        per_trial, available = cfg.compute.num_workers, resources.get("GPU", 0)
+    else:
+        # One CPU stays free for the Ray Data tasks that stream the cache into the workers: with
+        # every CPU held by Train workers, those reads never schedule and all trials stall.
+        per_trial = cfg.compute.num_workers * cfg.compute.cpus_per_worker
+        available = resources.get("CPU", 0) - 1
+    return max(1, math.floor(available / max(per_trial, 1e-9)))
+
+
+def build_scheduler(cfg: Config) -> TrialScheduler:
+    if not cfg.search.early_stop:
+        return FIFOScheduler()
+    return PerFoldASHA(
+        time_attr="training_iteration",
+        max_t=max_epochs(cfg),
+        grace_period=cfg.search.grace_period,
+        reduction_factor=cfg.search.reduction_factor,
+    )
+
+
+def _callbacks() -> list:
+    callbacks = []
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError as e:  # mlflow is optional
+            raise RuntimeError(f"MLFLOW_TRACKING_URI is set but MLflow is not importable ({e}); pip install mlflow") from None
+        callbacks.append(MLflowLoggerCallback(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], experiment_name="ptxray", save_artifact=False))
+    return callbacks
+
+
+def experiment_path(cfg: Config) -> str:
+    return cfg.compute.storage_path.rstrip("/") + "/" + cfg.search.name
+
+
+def run_experiment(cfg: Config, cache_uri: str, *, max_concurrent_trials: int | None = None, print_table: bool = True) -> dict[str, Any]:
+    """Run (or resume) the experiment named `search.name`; returns the summary (also saved and printed)."""
+    from ptxray.ray_train import storage_for_ray
+
+    storage_path, fs = storage_for_ray(cfg.compute.storage_path)
+    path = experiment_path(cfg)
+    exp_dir = storage_path.rstrip("/") + "/" + cfg.search.name  # as Ray sees it (bucket/key on S3)
+    trainable = tune.with_parameters(_trainable, base=cfg.to_dict(), cache_uri=cache_uri)
+    # The trial's own process only drives the TorchTrainer; the workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # Tune refuses an empty request
+    space = param_space(cfg)
+    if tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
+        log.info("resuming experiment %s: finished trials are kept, unfinished ones continue from their checkpoints", path)
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable, resume_unfinished=True, resume_errored=True, param_space=space, storage_filesystem=fs
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.search.metric,
+                mode=cfg.search.mode,
+                scheduler=build_scheduler(cfg),
+                # Pair the folds: every fold of a configuration gets the same values. (The limit goes
+                # here: Tune ignores TuneConfig.max_concurrent_trials for a SearchAlgorithm.)
+                search_alg=BasicVariantGenerator(
+                    constant_grid_search=True,
+                    max_concurrent=max_concurrent_trials or default_max_concurrent_trials(cfg),
+                ),
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.search.name,
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                callbacks=_callbacks(),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    records = []
+    for r in results:
+        params = {k: v for k, v in r.config.items() if k != FOLD_KEY}
+        history = []
+        if r.metrics_dataframe is not None and len(r.metrics_dataframe):
+            history = r.metrics_dataframe.to_dict("records")
+        ckpt = (r.metrics or {}).get("checkpoint_path")
+        if ckpt and fs is not None and not str(ckpt).startswith("s3://"):
+            ckpt = "s3://" + str(ckpt).lstrip("/")
+        records.append(
+            TrialRecord(
+                trial_id=str((r.metrics or {}).get("trial_id", r.path.rstrip("/").split("/")[-1])),
+                params=params,
+                fold=int(r.config[FOLD_KEY]),
+                status="ERROR" if r.error else "TERMINATED",
+                history=history,
+                checkpoint=ckpt,
+                error=str(r.error).splitlines()[0] if r.error else None,
+            )
+        )
+    summary = summarize(
+        records,
+        metric=cfg.search.metric,
+        mode=cfg.search.mode,
+        num_folds=len(folds_of(cfg)),
+        max_epochs=max_epochs(cfg),
+        grace_period=cfg.search.grace_period,
+        reduction_factor=cfg.search.reduction_factor,
+    )
+    summary["experiment"] = path
+    summary["config"] = cfg.to_dict()
+    json_path, csv_path = write_summary(summary, path)
+    summary["files"] = {"json": json_path, "csv": csv_path}
+    if print_table:
+        print_summary(summary)
+        print(f"summary: {json_path}\n         {csv_path}")
+    return summary

@@ -1,0 +1,162 @@
+"""A real local Ray cluster started with `ray start`: token auth on the Jobs API, `ray job submit`
+through the real CLI onto two nodes, the dashboard on loopback only, and `ptxray cluster up/down`
+stopping exactly what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ptxray import ray_cluster
+from ptxray.cli import main
+
+
+def _get(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _no_auth_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # so ~/.ray/auth_token of whoever runs the tests is not found either
+    return env
+
+
+# First in the module: it runs before the module's shared cluster starts, so two never run at once.
+def test_cli_up_status_down_leaves_nothing_running(tmp_path, capsys):
+    state = tmp_path / "state"
+    assert main(["cluster", "up", "--state-dir", str(state), "--dashboard-port", "0", "--num-cpus", "1"]) == 0
+    up_out = capsys.readouterr().out
+    cluster = ray_cluster.load_cluster(state)
+    try:
+        assert f"RAY_AUTH_TOKEN_PATH={state.absolute() / 'auth_token'}" in up_out
+        assert cluster.dashboard_url in up_out and "ray job submit" in up_out
+        assert (state / "auth_token").stat().st_mode & 0o777 == 0o600
+        assert len(cluster.pids) >= 3 and ray_cluster.alive_pids(cluster)
+        assert main(["cluster", "status", "--state-dir", str(state)]) == 0
+        status_out = capsys.readouterr().out
+        assert "answers, 1 nodes alive" in status_out
+    finally:
+        rc = main(["cluster", "down", "--state-dir", str(state)])
+    assert rc == 0
+    assert ray_cluster.alive_pids(cluster) == []
+    assert not cluster.temp_dir.exists() and not (state / "cluster.json").exists()
+    # With the record gone, status says so instead of pretending.
+    assert main(["cluster", "status", "--state-dir", str(state)]) == 2
+    assert "no local cluster recorded" in capsys.readouterr().err
+
+
+def test_busy_dashboard_port_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(ray_cluster.ClusterError, match=f"dashboard port {busy} is in use"):
+            ray_cluster.start_local_cluster(tmp_path / "state", dashboard_port=busy)
+    assert not (tmp_path / "state").exists()
+
+
+def test_failed_ray_start_leaves_no_process_behind(tmp_path):
+    import psutil
+
+    state = tmp_path / "state"
+    # Ray starts the GCS and the dashboard, then rejects the object store size at the raylet.
+    with pytest.raises(ray_cluster.ClusterError, match="(?s)ray start` failed.*object store memory"):
+        ray_cluster.start_local_cluster(state, num_cpus=1, object_store_memory_bytes=1000)
+    temp_dir = next(w for w in (state / "ray-start.log").read_text().split() if w.startswith("/tmp/ptxr-rc-"))
+    survivors = []
+    for p in psutil.process_iter():
+        try:
+            if temp_dir in " ".join(p.cmdline()):
+                survivors.append((p.pid, p.name()))
+        except psutil.Error:
+            continue
+    assert survivors == []
+    assert not Path(temp_dir).exists()
+    assert not (state / "cluster.json").exists() and not (state / "auth_token").exists()
+
+
+def test_jobs_api_needs_the_token(local_cluster):
+    url = f"{local_cluster.dashboard_url}/api/jobs/"
+    assert _get(url) in (401, 403)
+    assert _get(url, "0" * 64) in (401, 403)
+    assert _get(url, local_cluster.token()) == 200
+
+
+def test_dashboard_listens_on_loopback_only(local_cluster):
+    import psutil  # Ray's bundled copy, on sys.path once ptxray.ray_cluster imported ray
+
+    port = int(local_cluster.dashboard_url.rsplit(":", 1)[1])
+    listening = [
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening, f"nothing listens on the dashboard port {port}"
+    assert set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+def test_ray_job_submit_runs_on_both_nodes(local_cluster, tmp_path, capsys):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "probe.py").write_text(
+        "import ray, ptxray\n"
+        "ray.init()\n"
+        "@ray.remote(num_cpus=2)\n"
+        "def where():\n"
+        "    return ray.get_runtime_context().get_node_id()\n"
+        "alive = [n for n in ray.nodes() if n['Alive']]\n"
+        # two CPUs per node and two two-CPU tasks: they can only run on different nodes
+        "nodes = set(ray.get([where.options(scheduling_strategy='SPREAD').remote() for _ in range(2)]))\n"
+        "print(f'PTXRAY={ptxray.__version__} ALIVE_NODES={len(alive)} TASK_NODES={len(nodes)}')\n"
+    )
+    job_id, status = ray_cluster.submit_job(local_cluster, "python probe.py", working_dir=job)
+    streamed = capsys.readouterr().out
+    logs = ray_cluster.job_logs(local_cluster, job_id)
+    assert status == "SUCCEEDED", logs
+    import ptxray
+
+    line = f"PTXRAY={ptxray.__version__} ALIVE_NODES=2 TASK_NODES=2"
+    assert line in logs
+    assert line in streamed  # follow=True tails the job's logs to our stdout
+
+
+def test_submit_without_token_is_refused(local_cluster, tmp_path):
+    job_id = "ptxray-test-no-token"
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", local_cluster.dashboard_url,
+         "--submission-id", job_id, "--no-wait", "--", "python", "-c", "pass"],
+        env=_no_auth_env(tmp_path), capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0
+    assert "Authentication" in out.stdout + out.stderr
+    # and nothing was submitted
+    assert _get(f"{local_cluster.dashboard_url}/api/jobs/{job_id}", local_cluster.token()) == 404
+
+
+def test_cluster_record_round_trips(local_cluster):
+    loaded = ray_cluster.load_cluster(local_cluster.state_dir)
+    assert loaded == local_cluster
+    assert json.loads((local_cluster.state_dir / "cluster.json").read_text())["env"] == local_cluster.env()
+    assert local_cluster.env()["RAY_ADDRESS"].startswith("http://127.0.0.1:")
+
+
+def test_second_start_in_the_same_state_dir_is_refused(local_cluster):
+    with pytest.raises(ray_cluster.ClusterError, match="already running"):
+        ray_cluster.start_local_cluster(local_cluster.state_dir, num_cpus=1)
+

@@ -1,0 +1,177 @@
+"""Ray Train (V2) on a real local Ray: DDP over 2 CPU workers with S3 storage, a killed worker.
+
+Each rank writes what it reported to `debug_dir` (a test hook of `train_loop_per_worker`), so the
+tests can compare ranks and see which process trained which epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptxray.checkpoint import load_checkpoint
+from ptxray.config import load_config
+
+
+@pytest.fixture(scope="module")
+def cache_64px(ray_local, synth_dataset, tmp_path_factory):
+    from ptxray import ray_data
+
+    cfg = load_config("smoke")
+    summary = ray_data.prepare(
+        cfg,
+        images=str(synth_dataset / "dicom-images-train"),
+        labels=str(synth_dataset / "train-rle.csv"),
+        cache=str(tmp_path_factory.mktemp("cache64")),
+    )
+    return summary
+
+
+def _cfg(**overrides):
+    # cpus_per_worker=0: the local Ray has 2 CPUs and Ray Data's read tasks need one (see
+    # ray_train.worker_resources). base_filters=8 keeps the U-Net quick at 64 px.
+    base = {"model.base_filters": 8, "compute.cpus_per_worker": 0, "train.fold": 0, "optim.lr": 1e-3}
+    return load_config("smoke", {**base, **overrides})
+
+
+def _trainer(cfg, cache, run_name, storage, debug_dir, **debug):
+    from ptxray import ray_train
+
+    trainer = ray_train.make_trainer(cfg, cache, run_name=run_name, storage_path=str(storage))
+    trainer.train_loop_config.update(debug_dir=str(debug_dir), **debug)
+    return trainer
+
+
+def _records(debug_dir: Path, rank: int) -> list[dict]:
+    path = debug_dir / f"epochs-rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _fold_images(summary, fold: int) -> int:
+    return next(f["images"] for f in summary["folds"] if f["fold"] == fold)
+
+
+def test_two_workers_report_identical_metrics_and_checkpoint_to_s3(cache_64px, moto_s3, tmp_path):
+    moto_s3.client().create_bucket(Bucket="ptxray-train")
+    cfg = _cfg(**{"compute.num_workers": 2, "train.epochs": 2})
+    debug = tmp_path / "debug"
+    result = _trainer(cfg, cache_64px["cache"], "ddp2", "s3://ptxray-train/runs", debug).fit()
+
+    ranks = [_records(debug, 0), _records(debug, 1)]
+    assert [[r["metrics"]["epoch"] for r in recs] for recs in ranks] == [[0, 1], [0, 1]]
+    assert ranks[0][0]["pid"] != ranks[1][0]["pid"]
+    n_val = _fold_images(cache_64px, 0)
+    n_train = cache_64px["images"] - n_val
+    for m0, m1 in zip(*(([r["metrics"] for r in recs]) for recs in ranks)):
+        shared = [k for k in m0 if k.startswith("val_")] + ["train_loss", "train_dice", "train_images", "lr"]
+        assert len(shared) > 8
+        assert all(_same(m0[k], m1[k]) for k in shared), {k: (m0[k], m1[k]) for k in shared if not _same(m0[k], m1[k])}
+        # val is split without dropping rows; train equally (the odd row out is left out).
+        assert m0["val_n_images"] == n_val
+        assert m0["train_images"] == (n_train // 2) * 2
+        assert 0.0 <= m0["data_wait_fraction"] <= 1.0
+        assert all(type(v) in (float, int) for v in m0.values())
+
+    assert result.error is None and result.metrics["epoch"] == 1 and result.metrics["epochs_completed"] == 2
+    assert result.metrics["val_dice"] == ranks[0][-1]["metrics"]["val_dice"]
+
+    # Storage on the S3 endpoint: Ray wrote the checkpoints and its run snapshot there.
+    listing = moto_s3.client().list_objects_v2(Bucket="ptxray-train", Prefix="runs/ddp2/")
+    keys = {o["Key"] for o in listing.get("Contents", [])}
+    for epoch in (0, 1):
+        assert f"runs/ddp2/checkpoint_epoch_{epoch:04d}/checkpoints/last.pt" in keys
+    assert "runs/ddp2/checkpoint_epoch_0001/checkpoints/best.pt" in keys
+    assert "runs/ddp2/checkpoint_manager_snapshot.json" in keys
+    assert result.checkpoint.filesystem.type_name == "s3"
+    local = Path(result.checkpoint.to_directory(str(tmp_path / "restored")))
+    state = load_checkpoint(local / "checkpoints" / "last.pt")
+    assert state["epochs_completed"] == 2 and [h["epoch"] for h in state["history"]] == [0, 1]
+    assert state["config"]["train"]["fold"] == 0
+    assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped from DDP
+    assert any(torch.is_tensor(v) for v in state["model"].values())
+
+
+def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
+    cfg = _cfg(**{"compute.num_workers": 2, "train.epochs": 3, "compute.max_failures": 1})
+    debug, storage = tmp_path / "debug", tmp_path / "runs"
+    trainer = _trainer(cfg, cache_64px["cache"], "killed", storage, debug, debug_hold_after_epoch=0)
+    snapshot = storage / "killed" / "checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+
+    def kill_rank1_after_first_checkpoint():
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            held = sorted(debug.glob("held-rank1-pid*")) if debug.exists() else []
+            registered = snapshot.exists() and "checkpoint_epoch_0000" in snapshot.read_text()
+            if held and registered:
+                pid = int(held[0].name.rsplit("pid", 1)[1])
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = trainer.fit()
+    watcher.join(timeout=5)
+
+    assert killed, "the first checkpoint never showed up in storage"
+    ranks = [_records(debug, 0), _records(debug, 1)]
+    for recs in ranks:
+        # Epoch 0 (checkpointed) once by the first worker group; then 1 and 2 by the second.
+        assert [r["metrics"]["epoch"] for r in recs] == [0, 1, 2]
+        assert recs[0]["pid"] != recs[1]["pid"] and recs[1]["pid"] == recs[2]["pid"]
+    assert ranks[1][0]["pid"] == killed[0]
+    starts = sorted(json.loads(p.read_text())["resumed"] for p in debug.glob("start-rank*-pid*.json"))
+    assert starts == [False, False, True, True]
+
+    assert result.error is None and result.metrics["epochs_completed"] == 3
+    with result.checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d) / "checkpoints" / "last.pt")
+    assert state["epochs_completed"] == 3 and [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    # The resumed history continues the checkpoint's: epoch 0's numbers are the first group's.
+    assert state["history"][0]["train_loss"] == ranks[0][0]["metrics"]["train_loss"]
+    kept = sorted(p.name for p in (storage / "killed").glob("checkpoint_epoch_*"))
+    assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # CheckpointConfig(num_to_keep=2)
+
+
+def test_storage_paths_and_worker_resources(tmp_path, moto_s3):
+    from ptxray import ray_train
+
+    path, fs = ray_train.storage_for_ray("s3://bucket/some/prefix/")
+    assert path == "bucket/some/prefix" and fs.type_name == "s3"
+    path, fs = ray_train.storage_for_ray("runs")
+    assert fs is None and Path(path).is_absolute() and path.endswith("runs")
+    with pytest.raises(ValueError, match="needs a bucket"):
+        ray_train.storage_for_ray("s3://")
+    assert ray_train.worker_resources(load_config(None, {"compute.cpus_per_worker": 3})) == {"CPU": 3.0}
+    assert ray_train.worker_resources(load_config(None, {"compute.cpus_per_worker": 0})) == {"CPU": 0.01}
+    gpu = load_config(None, {"compute.cpus_per_worker": 0, "compute.use_gpu": True})
+    assert ray_train.worker_resources(gpu) == {"CPU": 0.0}
+
+
+def test_make_trainer_checks_its_inputs_and_warns_about_oversampling(cache_64px, tmp_path, caplog):
+    from ptxray import ray_train
+
+    with pytest.raises(ValueError, match="3 channels .* model.in_channels is 1"):
+        ray_train.make_trainer(_cfg(**{"preprocess.channels": ["raw"]}), cache_64px["cache"], run_name="x")
+    with pytest.raises(ValueError, match="run_name"):
+        ray_train.make_trainer(_cfg(), cache_64px["cache"], run_name="a/b")
+    cfg = _cfg(**{"train.pos_rate_start": 0.5, "train.pos_rate_end": 0.3, "compute.num_workers": 2})
+    with caplog.at_level("WARNING", logger="ptxray"):
+        trainer = ray_train.make_trainer(cfg, cache_64px["cache"], run_name="x", storage_path=str(tmp_path))
+    assert "positive oversampling is not available" in caplog.text
+    assert trainer.scaling_config.num_workers == 2 and trainer.train_loop_config["cache"] == cache_64px["cache"]
+    assert set(trainer.datasets) == {"train", "val"}
