@@ -203,8 +203,9 @@ def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
     index = pa.Table.from_pylist(usable, schema=pa.schema([ROW_SCHEMA.field(c) for c in LIGHT_COLUMNS]))
     index = index.append_column("fold", pa.array(np.asarray(folds, np.int16)))
     n_pos = sum(1 for r in usable if r["label"])
+    positive = np.array([bool(r["label"]) for r in usable], dtype=bool)
     per_fold = [
-        {"fold": int(k), "images": int((folds == k).sum()), "positive": int(((folds == k) & np.array([bool(r["label"]) for r in usable])).sum())}
+        {"fold": int(k), "images": int((folds == k).sum()), "positive": int(((folds == k) & positive).sum())}
         for k in sorted(set(folds.tolist()))
     ]
     summary = {

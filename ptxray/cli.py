@@ -76,14 +76,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     missing = [n for n, v in (("--images", images), ("--labels", labels), ("--cache", cache)) if not v]
     if missing:
         raise ConfigError(f"prepare needs {', '.join(missing)} (or data.images/labels/cache in the config)")
-    started = ray_data.init_ray(args.address or cfg.compute.address)
-    try:
+    with ray_data.ray_session(args.address or cfg.compute.address):
         summary = ray_data.prepare(cfg, images=images, labels=labels, cache=cache, force=args.force)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print_prepare_summary(summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
@@ -103,14 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ray:
         from ptxray import ray_data, ray_train
 
-        started = ray_data.init_ray(args.address or cfg.compute.address)
-        try:
+        with ray_data.ray_session(args.address or cfg.compute.address):
             result = ray_train.run_fold(cfg, cache, run_name=args.run_name or f"train-fold{cfg.train.fold}")
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
         print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}")
         return 0
     run_dir = Path(args.run_dir or Path(cfg.compute.storage_path) / f"train-fold{cfg.train.fold}")
@@ -132,19 +120,13 @@ def cmd_kfold(args: argparse.Namespace) -> int:
     images, labels, cache = args.images or cfg.data.images, args.labels or cfg.data.labels, args.cache or cfg.data.cache
     if not cache:
         raise ConfigError("kfold needs --cache (or data.cache): where the decode-once cache lives or will be written")
-    started = ray_data.init_ray(args.address or cfg.compute.address)
-    try:
+    with ray_data.ray_session(args.address or cfg.compute.address):
         if images and labels:
             # Reuses a complete cache for these inputs without decoding anything.
             prepared = ray_data.prepare(cfg, images=images, labels=labels, cache=cache)
             print_prepare_summary(prepared)
             cache = prepared["cache"]
         ray_tune.run_experiment(cfg, cache, max_concurrent_trials=args.max_concurrent_trials)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return 0
 
 

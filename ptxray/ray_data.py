@@ -6,10 +6,11 @@ code in `ptxray.cache`, tested without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
@@ -41,6 +42,17 @@ def init_ray(address: str = "", **kwargs: Any) -> bool:
         kwargs.setdefault("dashboard_host", "127.0.0.1")
         ray.init(address="local", **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", **kwargs: Any) -> Iterator[None]:
+    """`init_ray` for the duration of a block; shuts Ray down only if this block started it."""
+    started = init_ray(address, **kwargs)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str) -> pa.Table:
