@@ -6,6 +6,12 @@ other transfer syntax goes through pydicom's own decoders. Whatever goes wrong, 
 `DicomError` whose message is "<path>: <reason>", so the data pipeline can put the file on its
 quarantine list and go on.
 
+A caller that will shrink the image anyway (the cache stores `image_size_px`) passes `min_size_px`:
+a JPEG Baseline frame is then decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale (DCT-domain scaling,
+the largest factor that keeps both sides >= min_size_px). That skips most of the inverse DCT and the
+later resize. On the SIIM samples a 1/2-scale decode of a 1024 px frame differs from the full decode +
+INTER_AREA by 0.14 grey levels on average, 3 at most (benchmarks/ingest.py measures it every run).
+
 `write_jpeg_dicom` writes the same kind of file (real JPEG Baseline, SIIM-like tags) for the
 synthetic-data generator and for tests.
 """
@@ -23,7 +29,8 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.errors import InvalidDicomError
@@ -35,7 +42,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
 )
-from pydicom.valuerep import DSfloat
+from pydicom.valuerep import AMBIGUOUS_VR, VR, DSfloat
 
 __all__ = ["DicomError", "Scan", "parse_age", "read_dicom", "read_dicom_file", "write_jpeg_dicom"]
 
@@ -75,41 +82,52 @@ class Scan:
     transfer_syntax: str  # UID
     photometric: str  # PhotometricInterpretation as stored (MONOCHROME1 images come out inverted)
     path: str
+    rows: int  # stored Rows; `image` has fewer when read_dicom decoded at a reduced scale
+    columns: int  # stored Columns
 
 
-def read_dicom_file(path: str | Path) -> Scan:
+def read_dicom_file(path: str | Path, *, min_size_px: int | None = None) -> Scan:
     """Read and decode one DICOM file; I/O errors (missing file, permissions) propagate as OSError."""
-    return read_dicom(Path(path).read_bytes(), str(path))
+    return read_dicom(Path(path).read_bytes(), str(path), min_size_px=min_size_px)
 
 
-def read_dicom(data: bytes | bytearray | memoryview, path: str = "") -> Scan:
+def read_dicom(data: bytes | bytearray | memoryview, path: str = "", *, min_size_px: int | None = None) -> Scan:
     """Decode the bytes of one single-frame greyscale DICOM file.
 
     `path` is only used to name the input in errors and as the fallback image id.
+    `min_size_px`: None decodes at the stored size (Rows x Columns). An integer allows a JPEG Baseline
+    frame to be decoded at a libjpeg-turbo DCT scale of 1/2, 1/4 or 1/8, the largest that leaves both
+    sides >= min_size_px; `Scan.image` is then ceil(Rows / k) x ceil(Columns / k), `Scan.rows` and
+    `Scan.columns` keep the stored size. Other transfer syntaxes always decode at the stored size.
     Raises `DicomError` for anything that is not a decodable greyscale image.
     """
     path = str(path)
+    if min_size_px is not None and (int(min_size_px) != min_size_px or min_size_px < 1):
+        raise ValueError(f"min_size_px must be a positive integer or None, got {min_size_px!r}")
     data = bytes(data)  # a memoryview/bytearray from a reader would break the offset checks
     try:
         ds = _parse(data, path)
-        pixels = _decode_pixels(ds, path)  # (H, W) as stored
-        image = _to_uint8(pixels, ds)  # (H, W) uint8
-        photometric = str(ds.PhotometricInterpretation).strip().upper()
+        header = _Header(ds)
+        pixels = _decode_pixels(header, path, min_size_px)  # (H, W) as stored, or (ceil(H/k), ceil(W/k))
+        image = _to_uint8(pixels, header)  # (H, W) uint8
+        photometric = str(header.get("PhotometricInterpretation")).strip().upper()
         if photometric == "MONOCHROME1":
             image = 255 - image
         return Scan(
             image=np.ascontiguousarray(image),
-            image_id=_text(ds, "SOPInstanceUID") or _stem(path),
-            patient_id=_text(ds, "PatientID"),
-            sex=_sex(ds),
-            age=parse_age(_text(ds, "PatientAge")),
-            view_position=_view(ds),
-            pixel_spacing_mm=_spacing(ds),
-            study_uid=_text(ds, "StudyInstanceUID"),
-            series_uid=_text(ds, "SeriesInstanceUID"),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            image_id=_text(header, "SOPInstanceUID") or _stem(path),
+            patient_id=_text(header, "PatientID"),
+            sex=_sex(header),
+            age=parse_age(_text(header, "PatientAge")),
+            view_position=_view(header),
+            pixel_spacing_mm=_spacing(header),
+            study_uid=_text(header, "StudyInstanceUID"),
+            series_uid=_text(header, "SeriesInstanceUID"),
+            transfer_syntax=str(header.transfer_syntax),
             photometric=photometric,
             path=path,
+            rows=int(header.get("Rows")),
+            columns=int(header.get("Columns")),
         )
     except DicomError:
         raise
@@ -144,7 +162,8 @@ def _check_not_truncated(ds: Dataset, data: bytes, path: str) -> None:
     meta_keys = list(ds.file_meta.keys())
     if not meta_keys:
         raise DicomError(path, f"truncated file meta information: nothing after 'DICM' ({len(data)} bytes)")
-    start = _element_end(ds.file_meta.get_item(max(meta_keys), keep_deferred=True))
+    # max over plain ints: pydicom's tags compare in Python, ints in C.
+    start = _element_end(ds.file_meta.get_item(max(map(int, meta_keys)), keep_deferred=True))
     group_length = ds.file_meta.get("FileMetaInformationGroupLength")
     try:
         # The group length counts the bytes after its own 12-byte element, which follows the
@@ -167,7 +186,7 @@ def _check_not_truncated(ds: Dataset, data: bytes, path: str) -> None:
             raise DicomError(path, f"truncated or corrupt data set: no element could be read "
                                    f"from the {len(data) - start} bytes after the file meta")
         return
-    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    last = ds.get_item(max(map(int, ds.keys())), keep_deferred=True)
     end = _element_end(last)
     if end is None:
         return  # a complete undefined-length element (or already converted): nothing to check
@@ -188,41 +207,131 @@ def _element_end(element: Any) -> int | None:
     return element.value_tell + element.length
 
 
+class _Header:
+    """The values of a parsed data set's elements by keyword, each converted at most once.
+
+    Why not `ds.get(keyword)`: it converts through Dataset.__getitem__, which looks the character set
+    up again and reads the element back twice per conversion; for the ~20 elements read per file that
+    cost about as much as parsing the file. pydicom's public `convert_raw_data_element` is called
+    directly instead, so values follow pydicom's rules; sequences and ambiguous VRs, which need the
+    data set's context, still go through `ds`. Nothing is written back into `ds`.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.transfer_syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+        self._encoding = ds.original_character_set
+        self._values: dict[str, Any] = {}
+
+    def get(self, keyword: str) -> Any:
+        """The element's value (pydicom's type), or None when the element is absent."""
+        try:
+            return self._values[keyword]
+        except KeyError:
+            pass
+        tag = tag_for_keyword(keyword)
+        elem = self.ds.get_item(tag, keep_deferred=True)
+        if elem is None:
+            value = None
+        elif isinstance(elem, RawDataElement) and elem.value is not None and self._encoding:
+            converted = convert_raw_data_element(elem, encoding=self._encoding, ds=self.ds)
+            value = converted.value if converted.VR not in AMBIGUOUS_VR and converted.VR != VR.SQ else self.ds[tag].value
+        else:
+            value = self.ds[tag].value
+        self._values[keyword] = value
+        return value
+
+
 # ---------------------------------------------------------------------------------------- decoding
 
 
-def _decode_pixels(ds: Dataset, path: str) -> np.ndarray:
+def _decode_pixels(header: _Header, path: str, min_size_px: int | None = None) -> np.ndarray:
+    ds = header.ds
     if "PixelData" not in ds:
         raise DicomError(path, "no pixel data")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = int(header.get("NumberOfFrames") or 1)
     if frames > 1:
         raise DicomError(path, f"multi-frame ({frames} frames)")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    photometric = str(header.get("PhotometricInterpretation") or "").strip().upper()
+    samples = int(header.get("SamplesPerPixel") or 1)
     if samples > 1 or photometric not in _MONOCHROME:
         raise DicomError(path, f"colour image ({photometric or 'no PhotometricInterpretation'}, "
                                f"{samples} samples per pixel)")
     for keyword in ("Rows", "Columns", "BitsAllocated"):
-        if not ds.get(keyword):
+        if not header.get(keyword):
             raise DicomError(path, f"missing or zero {keyword}")
-    rows, columns = int(ds.Rows), int(ds.Columns)
+    rows, columns = int(header.get("Rows")), int(header.get("Columns"))
 
-    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    syntax = header.transfer_syntax
+    scale = 1
     if syntax == JPEGBaseline8Bit:
-        pixels = _decode_jpeg_baseline(ds, path)
+        if min_size_px is not None:
+            scale = _dct_scale(rows, columns, min_size_px)
+        pixels = _decode_jpeg_baseline(header, path, (rows, columns), scale)
     else:
         _require_decoder(syntax, path)
         if not syntax.is_compressed:
             _check_native_length(ds, path)
         pixels = ds.pixel_array
-    if pixels.shape != (rows, columns):
+    if scale == 1 and pixels.shape != (rows, columns):
         raise DicomError(path, f"decoded shape {pixels.shape} != Rows x Columns ({rows}, {columns})")
+    expected = (-(-rows // scale), -(-columns // scale))  # libjpeg rounds a scaled size up
+    if pixels.shape != expected:
+        raise DicomError(path, f"decoded shape {pixels.shape} at 1/{scale} scale != {expected} "
+                               f"for Rows x Columns ({rows}, {columns})")
     return pixels
 
 
-def _decode_jpeg_baseline(ds: Dataset, path: str) -> np.ndarray:
+# libjpeg-turbo's DCT scaling through OpenCV. ANYCOLOR|ANYDEPTH keep a 3-component or 12-bit frame as it
+# is (so the greyscale check below still sees it), IGNORE_ORIENTATION matches IMREAD_UNCHANGED.
+_REDUCED_FLAGS = {
+    k: flag | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    for k, flag in ((2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))
+}
+
+
+def _dct_scale(rows: int, columns: int, min_size_px: int) -> int:
+    """The largest JPEG DCT scale denominator (8, 4, 2; else 1) that leaves both sides >= min_size_px."""
+    for k in (8, 4, 2):
+        if -(-rows // k) >= min_size_px and -(-columns // k) >= min_size_px:
+            return k
+    return 1
+
+
+# Start Of Frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_frame_shape(frame: bytes) -> tuple[int, int] | None:
+    """(height, width) from the frame's Start Of Frame segment, or None when there is none before SOS.
+
+    Hand-written because OpenCV's Python API has no header-only read; it walks the few marker
+    segments ahead of the entropy-coded data (ITU T.81 B.1.1).
+    """
+    i = 2  # after SOI
+    while i + 4 <= len(frame):
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xDA:  # Start Of Scan: no frame header before the data
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(frame):
+                return None
+            height, width = struct.unpack_from(">HH", frame, i + 5)  # after length (2) and precision (1)
+            return (height, width)
+        (length,) = struct.unpack_from(">H", frame, i + 2)
+        i += 2 + length
+    return None
+
+
+def _decode_jpeg_baseline(header: _Header, path: str, stored_shape: tuple[int, int], scale: int = 1) -> np.ndarray:
+    """The frame decoded at 1/scale of its size; the caller checks the result against that size."""
     try:
-        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        frame = get_frame(header.get("PixelData"), 0, number_of_frames=1)
     except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError/struct.error on bad items
         raise DicomError(path, f"corrupt encapsulated pixel data ({exc})") from exc
     # libjpeg-turbo decodes a cut stream without error (grey fill, a warning on stderr), so a
@@ -230,7 +339,15 @@ def _decode_jpeg_baseline(ds: Dataset, path: str) -> np.ndarray:
     # entropy-coded data (0xFF is stuffed there); the slack allows even-length and writer padding.
     if b"\xff\xd9" not in frame[-16:]:
         raise DicomError(path, f"truncated JPEG frame (no end-of-image marker in {len(frame)} bytes)")
-    image = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED)
+    if scale > 1:
+        # A k-times smaller decode hides a size mismatch of under k pixels; compare the frame's own
+        # header with Rows x Columns instead, as the full-size path compares the decoded pixels.
+        header_shape = _jpeg_frame_shape(frame)
+        if header_shape is not None and header_shape != stored_shape:
+            raise DicomError(path, f"JPEG frame header says {header_shape} (height, width) "
+                                   f"!= Rows x Columns {stored_shape}")
+    flags = cv2.IMREAD_UNCHANGED if scale == 1 else _REDUCED_FLAGS[scale]
+    image = cv2.imdecode(np.frombuffer(frame, np.uint8), flags)
     if image is None:
         raise DicomError(path, f"corrupt JPEG frame ({len(frame)} bytes; OpenCV cannot decode it)")
     if image.dtype != np.uint8 or image.ndim != 2:
@@ -265,14 +382,15 @@ def _check_native_length(ds: Dataset, path: str) -> None:
 # --------------------------------------------------------------------------------------- windowing
 
 
-def _to_uint8(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+def _to_uint8(pixels: np.ndarray, header: _Header) -> np.ndarray:
     """Stored values -> (H, W) uint8 in the stored polarity: Modality LUT, then VOI, then scaling."""
-    voi = _voi_kind(ds)
-    if voi is None and pixels.dtype == np.uint8 and int(ds.get("BitsStored") or 8) == 8:
+    voi = _voi_kind(header)
+    ds = header.ds
+    if voi is None and pixels.dtype == np.uint8 and int(header.get("BitsStored") or 8) == 8:
         # A linear rescale with a positive slope does not change what an unwindowed image shows;
         # passing the bytes through keeps the SIIM case bit-exact with its JPEG decode.
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        if not ds.get("ModalityLUTSequence") and slope > 0:
+        slope = float(header.get("RescaleSlope") or 1.0)
+        if not header.get("ModalityLUTSequence") and slope > 0:
             return pixels
     values = apply_modality_lut(pixels, ds)  # (H, W) in output units (e.g. HU)
     if voi is not None:
@@ -289,13 +407,14 @@ def _to_uint8(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     return _scale(values, float(low), float(high))
 
 
-def _voi_kind(ds: Dataset) -> str | None:
+def _voi_kind(header: _Header) -> str | None:
     """Which VOI step pydicom's apply_voi_lut will take (it prefers the LUT), mirroring its test."""
-    if ds.get("VOILUTSequence"):
-        item = ds.VOILUTSequence[0]
+    sequence = header.get("VOILUTSequence")
+    if sequence:
+        item = sequence[0]
         if item.get("LUTDescriptor") is not None and item.get("LUTData") is not None:
             return "lut"
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+    if header.get("WindowCenter") is not None and header.get("WindowWidth") is not None:
         return "window"
     return None
 
@@ -328,9 +447,9 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------ header fields
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(header: _Header, keyword: str) -> str:
     try:
-        value = ds.get(keyword)
+        value = header.get(keyword)
     except Exception:  # noqa: BLE001 - a malformed optional tag must not lose the image
         return ""
     return "" if value is None else str(value).strip()
@@ -342,8 +461,8 @@ def _stem(path: str) -> str:
     return re.sub(r"\.(dcm|dicom)$", "", name, flags=re.IGNORECASE)
 
 
-def _sex(ds: Dataset) -> str:
-    sex = _text(ds, "PatientSex").upper()
+def _sex(header: _Header) -> str:
+    sex = _text(header, "PatientSex").upper()
     return sex if sex in ("M", "F", "O") else ""
 
 
@@ -360,19 +479,19 @@ def parse_age(text: str) -> int | None:
     return int(days // 365.25)
 
 
-def _view(ds: Dataset) -> str:
-    view = _text(ds, "ViewPosition").upper()
+def _view(header: _Header) -> str:
+    view = _text(header, "ViewPosition").upper()
     if view in ("PA", "AP"):
         return view
     # Some exports carry the view only in the description, as SIIM's "view: PA" does as well.
-    match = re.search(r"\bview:\s*(PA|AP)\b", _text(ds, "SeriesDescription"), re.IGNORECASE)
+    match = re.search(r"\bview:\s*(PA|AP)\b", _text(header, "SeriesDescription"), re.IGNORECASE)
     return match.group(1).upper() if match else ""
 
 
-def _spacing(ds: Dataset) -> tuple[float, float] | None:
+def _spacing(header: _Header) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         try:
-            value = ds.get(keyword)
+            value = header.get(keyword)
             if value is None or len(value) != 2:
                 continue
             row, column = float(value[0]), float(value[1])

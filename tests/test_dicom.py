@@ -125,6 +125,105 @@ def test_monochrome1_comes_out_inverted() -> None:
     assert np.abs(fake.image.astype(np.int16) - expected).max() <= 1
 
 
+# ------------------------------------------------------------------------- reduced-scale decode
+
+
+def _header_fields(scan: Scan) -> tuple:
+    return (scan.image_id, scan.patient_id, scan.sex, scan.age, scan.view_position, scan.pixel_spacing_mm,
+            scan.study_uid, scan.series_uid, scan.transfer_syntax, scan.photometric, scan.path,
+            scan.rows, scan.columns)
+
+
+@pytest.mark.parametrize("path", REAL_FILES[:3], ids=lambda p: p.name.split(".")[9])
+def test_half_scale_decode_matches_full_decode_then_area_resize(path: Path) -> None:
+    full = read_dicom_file(path)
+    half = read_dicom_file(path, min_size_px=512)
+
+    assert half.image.shape == (512, 512) and half.image.dtype == np.uint8
+    assert (half.rows, half.columns) == (full.rows, full.columns) == (1024, 1024)
+    assert _header_fields(half) == _header_fields(full)
+    area = cv2.resize(full.image, (512, 512), interpolation=cv2.INTER_AREA)
+    diff = np.abs(half.image.astype(np.int16) - area.astype(np.int16))
+    # libjpeg-turbo's 1/2-scale IDCT vs decode + 2x2 box mean: measured 0.14 mean, 3 max on SIIM.
+    assert diff.mean() < 0.3 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize(("min_size_px", "shape"), [(1, (128, 128)), (128, (128, 128)), (129, (256, 256)),
+                                                    (256, (256, 256)), (300, (512, 512)), (513, (1024, 1024)),
+                                                    (5000, (1024, 1024))])
+def test_min_size_px_picks_the_largest_dct_scale_that_keeps_the_size(min_size_px: int, shape: tuple) -> None:
+    scan = read_dicom_file(SCAN_6904, min_size_px=min_size_px)
+    assert scan.image.shape == shape
+    if shape == (1024, 1024):  # no scaling possible: exactly the full decode
+        np.testing.assert_array_equal(scan.image, read_dicom_file(SCAN_6904).image)
+
+
+def test_reduced_decode_rounds_odd_sizes_up_and_keeps_monochrome1_inversion(tmp_path: Path) -> None:
+    path = tmp_path / f"{WRITE_ARGS['image_id']}.dcm"
+    write_jpeg_dicom(path, _smooth_image(101, 203), **WRITE_ARGS)
+    assert read_dicom_file(path, min_size_px=50).image.shape == (51, 102)  # ceil(101/2), ceil(203/2)
+    assert read_dicom_file(path, min_size_px=26).image.shape == (26, 51)  # 1/4
+    assert read_dicom_file(path, min_size_px=51).image.shape == (51, 102)  # the short side just fits
+    assert read_dicom_file(path, min_size_px=52).image.shape == (101, 203)  # 1/2 would leave 51 rows
+    fake = read_dicom_file(TXV / "Fake_MONOHR1.dcm", min_size_px=512)
+    np.testing.assert_array_equal(fake.image, 255 - read_dicom_file(SCAN_6904, min_size_px=512).image)
+
+
+def test_min_size_px_leaves_other_transfer_syntaxes_at_full_size(tmp_path: Path) -> None:
+    raw = (np.arange(64 * 64) % 191 + 10).astype(np.uint8).reshape(64, 64)
+    path = _native(tmp_path / "8.dcm", raw)
+    scan = read_dicom_file(path, min_size_px=8)
+    np.testing.assert_array_equal(scan.image, raw)
+    assert (scan.rows, scan.columns) == (64, 64)
+
+
+def test_reduced_decode_still_checks_the_frame_size(tmp_path: Path) -> None:
+    # A frame one row taller than Rows: at 1/2 scale both round to 8 rows, so only the frame header
+    # can tell; the full-size path sees it in the decoded pixels.
+    ok, jpeg = cv2.imencode(".jpg", np.full((16, 16), 100, np.uint8))
+    assert ok
+    path = _encapsulated(tmp_path / "taller.dcm", JPEGBaseline8Bit, jpeg.tobytes(), rows=15, columns=16)
+    with pytest.raises(DicomError, match=r"JPEG frame header says \(16, 16\).*\(15, 16\)") as caught:
+        read_dicom_file(path, min_size_px=8)
+    assert caught.value.path == str(path)
+    with pytest.raises(DicomError, match=r"decoded shape \(16, 16\)"):
+        read_dicom_file(path)
+
+
+def test_reduced_decode_rejects_a_colour_jpeg_frame(tmp_path: Path) -> None:
+    colour = np.zeros((16, 16, 3), np.uint8)
+    colour[..., 2] = 200
+    ok, jpeg = cv2.imencode(".jpg", colour)
+    assert ok
+    path = _encapsulated(tmp_path / "colour.dcm", JPEGBaseline8Bit, jpeg.tobytes(), rows=16, columns=16)
+    for min_size_px in (None, 8):
+        with pytest.raises(DicomError, match="not 8-bit greyscale"):
+            read_dicom_file(path, min_size_px=min_size_px)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "512"])
+def test_min_size_px_must_be_a_positive_integer(bad) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        read_dicom(SCAN_6904.read_bytes(), min_size_px=bad)
+
+
+def test_implicit_vr_file_reads_the_same_fields(tmp_path: Path) -> None:
+    # Implicit VR stores no VRs: the header reader converts raw elements whose VR pydicom looks up
+    # in its dictionary, and must read the same values as from the explicit-VR file.
+    raw = (np.arange(32 * 32) % 200 + 20).astype(np.uint8).reshape(32, 32)
+    explicit = _native(tmp_path / "explicit.dcm", raw, PatientID="p1", PatientSex="F", PatientAge="041Y",
+                       ViewPosition="PA", PixelSpacing=[0.2, 0.3])
+    ds = pydicom.dcmread(explicit)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    implicit = tmp_path / "implicit.dcm"
+    ds.save_as(implicit, enforce_file_format=True)
+    a, b = read_dicom_file(explicit), read_dicom_file(implicit)
+    np.testing.assert_array_equal(a.image, raw)
+    np.testing.assert_array_equal(b.image, raw)
+    assert _header_fields(a)[:8] == _header_fields(b)[:8]
+    assert (b.patient_id, b.sex, b.age, b.view_position, b.pixel_spacing_mm) == ("p1", "F", 41, "PA", (0.2, 0.3))
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
