@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 
 from ptxray import storage
 from ptxray.config import Config, PreprocessConfig, section_hash
-from ptxray.dicom import DicomError, read_dicom
+from ptxray.dicom import DicomError, Scan, read_dicom
 from ptxray.folds import assign_folds
 from ptxray.masks import Labels, RleError
 from ptxray.preprocess import channels_from_config, resize_mask
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: JPEG frames decoded at a reduced DCT scale (read_for_training)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # Image and mask are stored as raw uint8 bytes with their shape beside them: Arrow's fixed-shape
@@ -117,15 +117,23 @@ def _row(**values: Any) -> dict[str, Any]:
     return row
 
 
+def read_for_training(data: bytes, path: str, pre: PreprocessConfig) -> Scan:
+    """The one way a DICOM is read for training and prediction: a JPEG frame decodes at the
+    smallest libjpeg-turbo DCT scale (1/2, 1/4, 1/8) that still covers `image_size_px` (the
+    resize to the training size follows anyway; see benchmarks/ingest.py for the cost and the
+    pixel differences). `scan.rows` / `scan.columns` keep the stored size for masks."""
+    return read_dicom(data, path, min_size_px=pre.image_size_px)
+
+
 def build_row(
     data: bytes, path: str, labels: Labels, pre: PreprocessConfig, rle_scheme: str = "siim", unlabeled: str = "skip"
 ) -> dict[str, Any]:
     """One DICOM's bytes -> one cache row. Never raises for bad input: the reason goes in `error`."""
     try:
-        scan = read_dicom(data, path)
+        scan = read_for_training(data, path, pre)
     except DicomError as e:
         return _row(path=path, error=str(e), image_id="", patient_id="", labelled=False)
-    h, w = scan.image.shape
+    h, w = scan.rows, scan.columns
     labelled = scan.image_id in labels
     base = dict(
         image_id=scan.image_id,
@@ -352,6 +360,7 @@ def labels_sha256(labels_uri: str) -> str:
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "read_for_training",
     "Cache",
     "CacheError",
     "LIGHT_COLUMNS",

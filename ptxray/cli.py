@@ -120,6 +120,8 @@ def cmd_kfold(args: argparse.Namespace) -> int:
     images, labels, cache = args.images or cfg.data.images, args.labels or cfg.data.labels, args.cache or cfg.data.cache
     if not cache:
         raise ConfigError("kfold needs --cache (or data.cache): where the decode-once cache lives or will be written")
+    # Recorded in every trial's saved config, so thresholds / evaluate find the cache on their own.
+    cfg = cfg.with_overrides({f"data.{k}": v for k, v in (("images", images), ("labels", labels), ("cache", cache)) if v})
     with ray_data.ray_session(args.address or cfg.compute.address):
         if images and labels:
             # Reuses a complete cache for these inputs without decoding anything.
@@ -128,6 +130,154 @@ def cmd_kfold(args: argparse.Namespace) -> int:
             cache = prepared["cache"]
         ray_tune.run_experiment(cfg, cache, max_concurrent_trials=args.max_concurrent_trials)
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ptxray.export import default_export_name, export_run
+
+    out = args.out or f"{args.run.rstrip('/')}/export/{default_export_name(args.format, args.fold, args.tta_flip)}"
+    r = export_run(
+        args.run, out, fmt=args.format, fold=args.fold, tta_flip=args.tta_flip, opset=args.opset,
+        which=args.which, check_dicom=args.check_dicom, atol=args.atol,
+    )
+    real = "no real image" if r.max_abs_diff_real is None else f"{r.max_abs_diff_real:.2e} on {r.real_image}"
+    print(
+        f"exported {r.format} (folds {list(r.folds)}{', flip TTA' if r.tta_flip else ''}) to {r.path}\n"
+        f"manifest: {r.manifest_path}\n"
+        f"max |diff| vs PyTorch: {r.max_abs_diff_random:.2e} on a random batch, {real} (tolerance {r.atol:g})"
+    )
+    return 0
+
+
+def _wide_console():
+    from rich.console import Console
+
+    # Job logs and CI are not terminals: without a width, rich would squeeze tables into 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _outputs_table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("where / value")
+    for what, where in rows:
+        table.add_row(what, str(where))
+    return table
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ptxray.predict import run_predict
+
+    s = run_predict(
+        args.run, args.images, args.out, local=args.local, rule=args.rule, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, tta=not args.no_tta, write_images=not args.no_images,
+        dicom_seg=args.dicom_seg, address=args.address,
+    )
+    th = s["thresholds"]
+    console = _wide_console()
+    console.print(_outputs_table(f"ptxray predict ({s['mode']}, {s['seconds']} s)", [
+        ("images listed", s["listed"]),
+        ("predicted (rows)", s["predicted"]),
+        ("  non-empty masks", s["non_empty"]),
+        ("errors (no row)", s["errors"]),
+        ("rule", f"{th['rule']}: top {th['top_score']}, min area {th['min_area_px']} px, bin {th['bin_threshold']}, cls {th['cls_threshold']}"),
+        ("thresholds from", th["source"]),
+        *[(name, path) for name, path in s["files"].items()],
+        ("summary", f"{args.out.rstrip('/')}/predict.json"),
+    ]))
+    for e in s["error_list"][:20]:
+        console.print(f"[yellow]not predicted[/]: {e['reason']}", markup=True, highlight=False)
+    if s["errors"] > 20:
+        console.print(f"... and {s['errors'] - 20} more (see errors.csv)")
+    for e in s.get("seg_errors", [])[:20]:
+        console.print(f"[yellow]no DICOM SEG[/]: {e['reason']}", highlight=False)
+    return 0
+
+
+def cmd_thresholds(args: argparse.Namespace) -> int:
+    from ptxray.predict import find_thresholds
+
+    result, uri, stats = find_thresholds(args.run, cache=args.cache, recompute=args.recompute, device=args.device)
+    rows = [
+        ("out-of-fold images", f"{result.n_images} ({result.n_positive} positive, folds {sorted(set(stats.folds.tolist()))})"),
+        ("empty baseline Dice", f"{result.empty_dice:.4f}"),
+    ]
+    for rule, t in result.best.items():
+        mark = " (chosen)" if rule == result.chosen else ""
+        rows.append((f"{rule}{mark}", f"Dice {t.oof_dice:.4f}: top {t.top_score}, min area {t.min_area_px} px, bin {t.bin_threshold}, cls {t.cls_threshold}"))
+    rows += [("thresholds", uri), ("out-of-fold store", f"{args.run.rstrip('/')}/oof/oof.npz")]
+    _wide_console().print(_outputs_table(f"ptxray thresholds (at {stats.size_px} px)", rows))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ptxray.report import evaluate_run
+
+    doc = evaluate_run(args.run, cache=args.cache, out=args.out, device=args.device, cases=args.cases, recompute=args.recompute)
+    rows = []
+    for m in doc["metrics"]:
+        rows.append((f"fold {m['fold']}", f"Dice {m['dice']:.4f} (empty baseline {m['empty_dice']:.4f}, 0.5: {m['dice_plain']:.4f}), "
+                     f"{m['images']} images, {m['positive']} positive"))
+    rows += [(name, path) for name, path in doc["files"].items() if not name.startswith("cases/")]
+    rows.append(("case overlays", f"{len(doc['cases']['best'])} best, {len(doc['cases']['worst'])} worst"))
+    _wide_console().print(_outputs_table(f"ptxray evaluate ({doc['thresholds']['rule']} rule)", rows))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import contextlib
+    import shlex
+
+    from ptxray import benchmark
+
+    cfg = load_config(args.config, args.overrides)
+    images, labels, cache = args.images or cfg.data.images, args.labels or cfg.data.labels, args.cache or cfg.data.cache
+    if not cache:
+        raise ConfigError("benchmark needs --cache (a prepared cache, or where to write one with --images and --labels)")
+    if args.image_size:
+        cfg = cfg.with_overrides({"preprocess.image_size_px": args.image_size})
+    batch_size = (args.batch_size or str(cfg.train.batch_size)).strip().lower()
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise ConfigError(f"--batch-size {args.batch_size!r}: expected a positive integer or 'auto'")
+    settings = benchmark.BenchmarkSettings(
+        fold=cfg.train.fold if args.fold is None else args.fold, epochs=args.epochs or 0, seconds=args.seconds or 0.0,
+        batch_size="auto" if batch_size == "auto" else int(batch_size), batch_search=not args.no_batch_search,
+        max_batch_size=args.max_batch_size, warmup_steps=args.warmup_steps, timing_steps=args.timing_steps,
+        repeats=args.repeats, compile=args.compile, device=args.device or "", threads=args.threads, chexnet=args.chexnet or "",
+    )
+    specs = benchmark.parse_archs(args.archs)
+    prepare = bool(images and labels)
+    if prepare or not args.local:
+        from ptxray import ray_data
+
+        session = ray_data.ray_session(args.address or cfg.compute.address)
+    else:
+        session = contextlib.nullcontext()
+    with session:
+        if prepare:
+            prepared = ray_data.prepare(cfg, images=images, labels=labels, cache=cache)  # reuses a complete cache
+            print_prepare_summary(prepared)
+            cache = prepared["cache"]
+        cfg = benchmark.check_cache(cfg, cache, image_size_px=args.image_size or 0)
+        if args.local:
+            results = benchmark.run_local(cfg, cache, specs, settings)
+            mode = "in-process (--local), one architecture after another"
+        else:
+            from ptxray import ray_benchmark
+
+            results, mode = ray_benchmark.run_trials(
+                cfg, cache, specs, settings, storage_path=cfg.compute.storage_path, cpus_per_trial=args.cpus_per_trial,
+                max_concurrent_trials=args.max_concurrent_trials or 0,
+            )
+    report = benchmark.write_report(
+        results, cfg=cfg, cache_uri=cache, settings=settings, out_dir=args.out, mode=mode,
+        command=" ".join(["ptxray", *(shlex.quote(a) for a in args.argv)]),
+    )
+    benchmark.print_table(report)
+    print("\n".join(f"{name}: {path}" for name, path in report["files"].items()))
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -238,6 +388,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_kfold)
 
+    p = sub.add_parser("export", help="export a run's fold model or fold ensemble to ONNX / TorchScript, checked against PyTorch")
+    p.add_argument("--run", required=True, help="run folder or s3:// prefix (a K-fold experiment or a `ptxray train` run)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--fold", type=int, help="export this fold only (default: the ensemble of all folds)")
+    p.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped image inside the graph")
+    p.add_argument("--out", help="model file, local or s3:// (default: <run>/export/<ensemble|foldK>.<onnx|torchscript.pt>)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of each fold")
+    p.add_argument("--check-dicom", help="a real DICOM to compare outputs on (default: the first under data.images)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| probability")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="predict DICOMs with a run's fold ensemble: submission CSV, PNG masks, overlays")
+    p.add_argument("--run", required=True, help="run folder or s3:// prefix (a K-fold experiment or a `ptxray train` run)")
+    p.add_argument("--images", required=True, help="DICOM folder, file or s3:// prefix (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--local", action="store_true", help="run in this process instead of a Ray Data actor pool")
+    p.add_argument("--rule", default="chosen", choices=["chosen", "plain", "triplet", "cls", "both"],
+                   help="which stored decision rule (default: the one `ptxray thresholds` chose)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model batch")
+    p.add_argument("--workers", type=int, default=0, help="Ray actors (default: one per GPU, else up to 4 CPU actors)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--no-tta", action="store_true", help="no horizontal-flip test-time augmentation")
+    p.add_argument("--no-images", action="store_true", help="CSV files only: no mask and overlay PNGs")
+    p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM SEG per non-empty prediction (seg/<ImageId>.dcm)")
+    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("thresholds", help="search the decision thresholds on a run's out-of-fold predictions; store them in the run")
+    p.add_argument("--run", required=True, help="run folder or s3:// prefix")
+    p.add_argument("--cache", help="the cache the run trained from (default: from the run's config data.cache)")
+    p.add_argument("--recompute", action="store_true", help="recompute the out-of-fold predictions even if stored")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_thresholds)
+
+    p = sub.add_parser("evaluate", help="out-of-fold report of a run: metrics per fold, ROC, confusion, Dice histogram, cases")
+    p.add_argument("--run", required=True, help="run folder or s3:// prefix")
+    p.add_argument("--cache", help="the cache the run trained from (default: from the run's config data.cache)")
+    p.add_argument("--out", help="report folder or s3:// prefix (default: <run>/report)")
+    p.add_argument("--cases", type=int, default=4, help="best and worst cases shown as overlays")
+    p.add_argument("--recompute", action="store_true", help="recompute the out-of-fold predictions even if stored")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="compare architectures on your data and hardware: parameters, GFLOPs, largest batch, throughput, "
+        "memory and quality after the same budget (one Ray Tune trial each; --local: in-process)",
+    )
+    p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
+    p.add_argument("--labels", help="label CSV")
+    p.add_argument("--cache", help="cache root or a complete cache (local or s3://)")
+    p.add_argument("--archs", default="paper",
+                   help="'paper' (default: unet_vanilla, unet_densenet121, unet_resnet34, unet_efficientnet-b0, fpn, "
+                   "deeplabv3, deeplabv3plus, fcn, maskrcnn), 'all' (+ unetplusplus, manet, linknet, pspnet, pan, "
+                   "upernet), or a comma list of those names and ARCH:ENCODER pairs (fpn:resnet18)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--epochs", type=int, help="training budget per architecture, in epochs")
+    budget.add_argument("--seconds", type=float, help="training budget per architecture, in seconds of training")
+    p.add_argument("--image-size", type=int, help="image side in px (the cache's size; prepares one at this size with --images/--labels)")
+    p.add_argument("--fold", type=int, help="validation fold (default: train.fold)")
+    p.add_argument("--out", default="benchmark-results", help="folder for benchmark.{md,csv,json} and the plots")
+    p.add_argument("--local", action="store_true", help="run the architectures one after another in this process (no Ray)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (not maskrcnn)")
+    p.add_argument("--batch-size", help="N, or 'auto' = each architecture's largest batch (default: train.batch_size)")
+    p.add_argument("--max-batch-size", type=int, default=0, help="cap of the largest-batch search (default: 1024 on CUDA, 64 on CPU)")
+    p.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search (needs a fixed --batch-size)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps run and discarded before timing")
+    p.add_argument("--timing-steps", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported, with min and max)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, or the trial's CPUs on Ray)")
+    p.add_argument("--chexnet", help="CheXNet checkpoint (model.pth.tar) for the densenet121 encoders (default: random init)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs each trial reserves")
+    p.add_argument("--max-concurrent-trials", type=int, help="Ray: default one per GPU, or one at a time on CPUs")
+    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_benchmark)
+
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("file", nargs="?", help="YAML file or shipped recipe name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -266,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that report how they ran
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -101,7 +101,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 8  # per worker
+    batch_size: int | str = 8  # per worker; "auto" = the largest that fits (ptxray.batchsize)
     seed: int = 0
     fold: int = 0
     monitor: str = "val_dice"
@@ -162,6 +162,9 @@ class Config:
             object.__setattr__(
                 self, "model", replace(self.model, in_channels=len(self.preprocess.channels))
             )
+        batch_size = _batch_size(self.train.batch_size)
+        if repr(batch_size) != repr(self.train.batch_size):  # also 8.0 -> 8
+            object.__setattr__(self, "train", replace(self.train, batch_size=batch_size))
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -172,6 +175,19 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+def _batch_size(value: Any) -> int | str:
+    """train.batch_size: a positive integer, or "auto" (resolved by ptxray.batchsize before training)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = _coerce(value, int, "train.batch_size")
+    except ConfigError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"train.batch_size: expected a positive integer or 'auto', got {value!r}")
+    return number
 
 
 def _to_plain(obj: Any) -> Any:

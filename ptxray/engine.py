@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -128,6 +129,17 @@ def _forward(model: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
             f"got {type(out).__name__}"
         )
     return out[0], out[1]
+
+
+def _model_loss(model: nn.Module, image: Tensor, mask: Tensor) -> Tensor:
+    """The summed loss terms of a `loss_from_targets` model: `forward(image, mask)` -> {name: loss}."""
+    losses = model(image, mask)
+    if not (isinstance(losses, Mapping) and losses):
+        raise TypeError(
+            f"{type(unwrap_model(model)).__name__} has loss_from_targets=True, so forward(image, mask) "
+            f"must return a non-empty dict of losses in train mode; got {type(losses).__name__}"
+        )
+    return sum(losses.values())
 
 
 def _all_reduce_sum(values: Tensor) -> Tensor:
@@ -253,10 +265,13 @@ def train_epoch(
     use_channels_last = channels_last and device.type == "cuda"
     model.train()
     core = unwrap_model(model)
+    # Detection-style models (maskrcnn) compute their own training loss from the masks and make no
+    # predictions in train mode: loss_fn is not used and train_dice is NaN for them.
+    own_loss = bool(getattr(core, "loss_from_targets", False))
     metrics = SegMetrics()
     # [task loss * images, penalty * images, images]: summed on the device, so no per-step host sync.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    steps = 0
+    steps = skipped = 0
     data_wait = 0.0
     start = time.perf_counter()
     iterator = iter(batches)
@@ -268,10 +283,20 @@ def train_epoch(
             break
         data_wait += time.perf_counter() - t0
         image, mask, label = _batch_to_device(batch, device, use_channels_last)
-        with _autocast(device, use_amp):
-            seg_logits, cls_logits = _forward(model, image)
-        seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
-        loss = loss_fn(seg_logits, cls_logits, mask, label)
+        if image.shape[0] < 2:
+            # A trailing one-image batch: BatchNorm cannot normalise a single sample in train mode
+            # (deeplabv3's pooled ASPP branch raises). Skipped on every rank alike, because DDP
+            # shards hold equal row counts.
+            skipped += 1
+            continue
+        if own_loss:
+            with _autocast(device, use_amp):
+                loss = _model_loss(model, image, mask).float()
+        else:
+            with _autocast(device, use_amp):
+                seg_logits, cls_logits = _forward(model, image)
+            seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
+            loss = loss_fn(seg_logits, cls_logits, mask, label)
         objective = loss
         if penalty is not None:
             penalty_value = penalty(core)
@@ -290,7 +315,8 @@ def train_epoch(
             scheduler.step()
         sums[0] += loss.detach().double() * image.shape[0]
         sums[2] += image.shape[0]
-        metrics.update(seg_logits.detach(), cls_logits.detach(), mask, label)
+        if not own_loss:
+            metrics.update(seg_logits.detach(), cls_logits.detach(), mask, label)
         steps += 1
 
     sums = _all_reduce_sum(sums)
@@ -312,6 +338,8 @@ def train_epoch(
         "seconds": time.perf_counter() - start,
         "data_wait_seconds": data_wait,
     }
+    if skipped:
+        logger.debug("train_epoch: skipped %d one-image batch(es)", skipped)
     if penalty is not None:
         out["train_penalty"] = penalty_sum / n_images
     return out
@@ -480,6 +508,64 @@ def epoch_indices(
         ]
     )
     return rng.permutation(drawn)
+
+
+class PositiveReservoir:
+    """Positive oversampling for a stream of rows, where `epoch_indices` cannot work (no random
+    access to the split, as on a Ray Data shard).
+
+    Rows keep their count (DDP ranks must take the same number of steps), so the rate is raised by
+    swapping: each negative row is replaced, with probability q = (r - p) / (1 - p), by a copy of a
+    positive seen earlier on this stream, where r is the epoch's target rate and p the split's
+    natural rate. Seen positives live in a bounded reservoir (uniform over the stream, Algorithm R)
+    that is kept across epochs, so only the first rows of the first epoch lack candidates. The
+    copies are augmented afterwards like any row, so a repeated positive is not a repeated pixel
+    array. A target at or below the natural rate changes nothing (no undersampling).
+    Hand-written: Ray Data has no stratified or weighted streaming sampler.
+    """
+
+    def __init__(self, natural_rate: float, capacity: int = 64):
+        if not 0.0 <= natural_rate <= 1.0:
+            raise ValueError(f"natural positive rate must be in [0, 1], got {natural_rate}")
+        if capacity < 1:
+            raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
+        self.natural_rate = float(natural_rate)
+        self.capacity = capacity
+        self._images: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+        self._seen = 0
+        self._lock = threading.Lock()  # the next epoch's stream may start in another thread
+        self.swapped = 0
+
+    def swap_probability(self, target_rate: float) -> float:
+        p = self.natural_rate
+        if target_rate <= p or p >= 1.0:
+            return 0.0
+        return (target_rate - p) / (1.0 - p)
+
+    def apply(
+        self, images: np.ndarray, masks: np.ndarray, target_rate: float, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """images (B, C, S, S), masks (B, S, S) -> the same shapes with some negatives swapped."""
+        q = self.swap_probability(target_rate)
+        positive = masks.reshape(len(masks), -1).any(axis=1)
+        images, masks = images.copy(), masks.copy()
+        with self._lock:
+            for i in range(len(masks)):
+                if positive[i]:
+                    self._seen += 1
+                    if len(self._images) < self.capacity:
+                        self._images.append(images[i].copy())
+                        self._masks.append(masks[i].copy())
+                    else:
+                        j = int(rng.integers(self._seen))
+                        if j < self.capacity:
+                            self._images[j], self._masks[j] = images[i].copy(), masks[i].copy()
+                elif q > 0.0 and self._images and rng.random() < q:
+                    j = int(rng.integers(len(self._images)))
+                    images[i], masks[i] = self._images[j], self._masks[j]
+                    self.swapped += 1
+        return images, masks
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -770,6 +856,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "OPTIMIZERS",
+    "PositiveReservoir",
     "SCHEDULERS",
     "batch_from_numpy",
     "build_optimizer",

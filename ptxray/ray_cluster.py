@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path; psutil is not a direct dependency)
-import psutil  # noqa: E402
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -439,14 +438,18 @@ def start_local_cluster(
             max(1.0, deadline - time.monotonic()),
             hint,
         )
-        for _ in range(workers):
+        for i in range(workers):
+            # Each extra node gets its own temp dir, as separate machines would have. Sharing the
+            # head's breaks jobs: a node's runtime-env agent deletes a job's unpacked working_dir
+            # when its own tasks are done with it, and with one shared dir that is the directory
+            # the job driver runs in (torch then fails to load in the driver: cwd is gone).
+            node_temp_dir = temp_dir / f"node{i + 1}"
+            node_temp_dir.mkdir()
             node = {
                 "--address": gcs_address,
                 "--num-cpus": worker_cpus,
-                "--temp-dir": temp_dir,
+                "--temp-dir": node_temp_dir,
                 "--object-store-memory": object_store_memory_bytes,
-                # one log monitor per host: the nodes share the session's log dir
-                "--include-log-monitor": "false",
                 **_node_ports(ranges),
             }
             _run_ray_start([_ray_exe(), "start", *_flags(node)], env, start_log, max(1.0, deadline - time.monotonic()))

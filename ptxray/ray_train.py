@@ -39,9 +39,10 @@ val_auc, val_empty_dice, val_loss, lr, seconds, ...), plus `epoch` (0-based int)
 `epochs_completed` (int, = epoch + 1, monotone across restarts, a good Tune `time_attr`) and
 `data_wait_fraction` (train_data_wait_seconds / train_seconds of this rank's train epoch).
 
-Not on this path: positive oversampling (`train.pos_rate_start` / `pos_rate_end`) needs random
-access to the labels of the whole split, which a streamed shard does not have; when set, a
-warning is logged (once per process) and the natural rate is used.
+Positive oversampling (`train.pos_rate_start` / `pos_rate_end`): a streamed shard has no random
+access, so instead of drawing indices (`engine.epoch_indices`) each worker swaps negatives for
+earlier positives of its stream up to the epoch's rate (`engine.PositiveReservoir`); row counts,
+and so DDP step counts, stay equal on every rank.
 
 Test and benchmark hooks (never set in production) in `train_loop_config`:
 - `debug_dir`: each rank writes `start-rank<R>-pid<PID>.json` when it starts and appends one JSON
@@ -77,7 +78,7 @@ from ptxray import ray_data
 from ptxray.augment import build_augment
 from ptxray.cache import Cache, table_to_arrays
 from ptxray.config import Config, config_from_dict
-from ptxray.engine import fit
+from ptxray.engine import PositiveReservoir, fit, positive_rate_for_epoch
 from ptxray.models import build_model
 from ptxray.runner import augmented_batch
 from ptxray.storage import is_uri, s3_filesystem_from_env
@@ -87,7 +88,6 @@ log = logging.getLogger("ptxray")
 CHECKPOINTS_TO_KEEP = 2
 CHECKPOINT_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "config.yaml", "metrics.jsonl")
 _INT_METRICS = ("epoch", "epochs_completed")
-_warned: set[tuple] = set()
 
 
 # ---- the trainer (driver side) ---------------------------------------------------------------
@@ -160,15 +160,13 @@ def _check_cache_channels(cfg: Config, cache_uri: str) -> None:
         )
 
 
-def _warn_no_oversampling(cfg: Config) -> None:
-    rates = (cfg.train.pos_rate_start, cfg.train.pos_rate_end)
-    if any(rates) and rates not in _warned:
-        _warned.add(rates)
-        log.warning(
-            "train.pos_rate_start=%s / pos_rate_end=%s: positive oversampling is not available when "
-            "training on Ray Train (streamed shards); using the natural positive rate",
-            *rates,
-        )
+def _train_positive_rate(cache_uri: str, fold: int) -> float:
+    """Fraction of positive images in fold `fold`'s train split, from the cache index."""
+    idx = Cache.open(cache_uri).index()
+    folds = idx.column("fold").to_numpy()
+    train = (folds != fold) & (folds >= 0)
+    labels = idx.column("label").to_numpy(zero_copy_only=False).astype(bool)
+    return float(labels[train].mean()) if train.any() else 0.0
 
 
 def make_trainer(
@@ -191,7 +189,6 @@ def make_trainer(
     if compute.num_workers < 1:
         raise ValueError(f"compute.num_workers: must be >= 1, got {compute.num_workers}")
     _check_cache_channels(cfg, cache_uri)
-    _warn_no_oversampling(cfg)
     train_ds, val_ds = ray_data.fold_datasets(cache_uri, cfg.train.fold)
     path, filesystem = storage_for_ray(storage_path or compute.storage_path)
     return TorchTrainer(
@@ -223,15 +220,26 @@ def run_fold(cfg: Config, cache_uri: str, *, run_name: str, storage_path: str | 
 
 # ---- the worker loop -------------------------------------------------------------------------
 def _shard_batches(
-    shard: Any, batch_size: int, pipeline: Any = None, rng: np.random.Generator | None = None
+    shard: Any,
+    batch_size: int,
+    pipeline: Any = None,
+    rng: np.random.Generator | None = None,
+    oversample: tuple[PositiveReservoir, float] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches from a Ray Data shard of cache rows; shuffled and augmented when rng is given."""
+    """Batches from a Ray Data shard of cache rows; shuffled and augmented when rng is given, with
+    negatives swapped for earlier positives up to the target rate when `oversample` = (reservoir, rate)."""
     shuffle = {}
     if rng is not None:
         # A few batches of rows: shuffles within and across the blocks streaming in, bounded memory.
         shuffle = dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(2**31)))
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **shuffle):
         images, masks, _ = table_to_arrays(table)  # (B, C, S, S), (B, S, S)
+        if oversample is not None and rng is not None:
+            images, masks = oversample[0].apply(images, masks, oversample[1], rng)
+        if counts is not None:
+            counts["rows"] += len(masks)
+            counts["positive"] += int(masks.reshape(len(masks), -1).any(axis=1).sum())
         yield augmented_batch(images, masks, pipeline, rng)
 
 
@@ -302,8 +310,13 @@ class ShardStreams:
     before fit asks for it). It seeds the shuffle buffer, then the augmentation.
     """
 
-    def __init__(self, cfg: Config, train_shard: Any, val_shard: Any, rank: int, depth: int = 4):
+    def __init__(
+        self, cfg: Config, train_shard: Any, val_shard: Any, rank: int, depth: int = 4, natural_positive_rate: float = 0.0
+    ):
         self._cfg, self._train_shard, self._val_shard = cfg, train_shard, val_shard
+        oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
+        self.reservoir = PositiveReservoir(natural_positive_rate) if oversampling else None
+        self._train_counts: dict[int, dict[str, int]] = {}
         self._rank, self._depth = rank, depth
         self._epoch = -1
         self._train: Prefetch | None = None
@@ -315,7 +328,21 @@ class ShardStreams:
         # One pipeline per stream: augment re-seeds its pipeline, so two threads must not share one.
         pipeline = build_augment(self._cfg.augment.recipe, self._cfg.preprocess.image_size_px)
         size = self._cfg.train.batch_size
-        return Prefetch(lambda: _shard_batches(self._train_shard, size, pipeline, rng), self._depth, f"train-{epoch}")
+        t = self._cfg.train
+        oversample = None
+        if self.reservoir is not None:
+            oversample = (self.reservoir, positive_rate_for_epoch(epoch, t.epochs, t.pos_rate_start, t.pos_rate_end))
+        counts = self._train_counts.setdefault(epoch, {"rows": 0, "positive": 0})
+        return Prefetch(
+            lambda: _shard_batches(self._train_shard, size, pipeline, rng, oversample, counts),
+            self._depth,
+            f"train-{epoch}",
+        )
+
+    def positive_fraction(self, epoch: int) -> float:
+        """Fraction of positive images among the train rows this rank streamed in `epoch`."""
+        counts = self._train_counts.get(epoch) or {"rows": 0}
+        return counts["positive"] / counts["rows"] if counts["rows"] else math.nan
 
     def _start_val(self) -> Prefetch:
         size = self._cfg.train.batch_size
@@ -378,6 +405,24 @@ def _restore(checkpoint: Any, into: Path) -> Path:
     return last
 
 
+def _resolve_auto_batch_size(cfg: Config, device: torch.device, cache_uri: str, ctx: Any) -> Config:
+    """`train.batch_size: auto` -> the largest size that fits on every rank (their minimum: DDP ranks
+    must take the same steps). CPU workers on one node share its memory budget."""
+    if cfg.train.batch_size != "auto":
+        return cfg
+    from ptxray.batchsize import DEFAULT_CPU_MEMORY_FRACTION, available_memory_bytes, resolve_batch_size
+
+    budget = None
+    if device.type != "cuda":
+        budget = int(DEFAULT_CPU_MEMORY_FRACTION * available_memory_bytes() / max(1, ctx.get_local_world_size()))
+    n_train = len(Cache.open(cache_uri).split_ids(cfg.train.fold)[0]) // ctx.get_world_size()
+    resolved, _ = resolve_batch_size(cfg, device, n_train=n_train, memory_budget_bytes=budget)
+    size = torch.tensor([resolved.train.batch_size], device=device if device.type == "cuda" else "cpu")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+    return resolved.with_overrides({"train.batch_size": int(size.item())})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Run by every Ray Train worker: config = {"cfg": cfg.to_dict(), "cache": cache_uri} (+ debug keys)."""
     cfg = config_from_dict(config["cfg"])
@@ -400,6 +445,7 @@ def train_loop_per_worker(config: dict) -> None:
                      "threads": torch.get_num_threads(), "time": time.time()}
             (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
 
+        cfg = _resolve_auto_batch_size(cfg, device, config["cache"], ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
         if device.type == "cuda" and cfg.compute.channels_last:
@@ -407,7 +453,13 @@ def train_loop_per_worker(config: dict) -> None:
             model = model.to(device, memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(model)
 
-        streams = ShardStreams(cfg, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), rank)
+        streams = ShardStreams(
+            cfg,
+            ray.train.get_dataset_shard("train"),
+            ray.train.get_dataset_shard("val"),
+            rank,
+            natural_positive_rate=_train_positive_rate(config["cache"], cfg.train.fold),
+        )
         batch_size = cfg.train.batch_size
 
         def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
@@ -426,6 +478,7 @@ def train_loop_per_worker(config: dict) -> None:
         def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
             ended = time.time()
             report = _report_metrics(metrics)
+            report["train_positive_fraction"] = streams.positive_fraction(epoch)
             if rank == 0:
                 assert run_dir is not None
                 with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:

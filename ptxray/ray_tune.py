@@ -7,9 +7,11 @@ that builds and fits a Ray Train `TorchTrainer` (Ray Train V2: Train-in-Tune, no
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -114,7 +116,27 @@ def _trainable(trial_params: dict[str, Any], base: dict[str, Any], cache_uri: st
     trainer = ray_train.make_trainer(
         cfg, cache_uri, run_name=f"trial-{trial_id}", storage_path=_train_storage(cfg), callbacks=[TuneReportCallback()]
     )
+    trainer.train_loop_config.update(_debug_hooks(cfg, trial_id))
     trainer.fit()
+
+
+DEBUG_ENV = "PTXRAY_DEBUG_TRAIN"
+
+
+def _debug_hooks(cfg: Config, trial_id: str) -> dict[str, Any]:
+    """Test hook, never set in production: `PTXRAY_DEBUG_TRAIN={"debug_dir": D, "fold": k,
+    "hold_after_epoch": e}` in the job's environment hands ray_train's debug hooks to the trials of
+    fold k (debug files under D/<trial id>), so a test can kill a job driver at a known point."""
+    spec = os.environ.get(DEBUG_ENV)
+    if not spec:
+        return {}
+    hooks = json.loads(spec)
+    if "fold" in hooks and int(hooks["fold"]) != cfg.train.fold:
+        return {}
+    out: dict[str, Any] = {"debug_dir": str(Path(hooks["debug_dir"]) / trial_id)}
+    if hooks.get("hold_after_epoch") is not None:
+        out["debug_hold_after_epoch"] = int(hooks["hold_after_epoch"])
+    return out
 
 
 def default_max_concurrent_trials(cfg: Config) -> int:
@@ -125,7 +147,8 @@ def default_max_concurrent_trials(cfg: Config) -> int:
     else:
         # One CPU stays free for the Ray Data tasks that stream the cache into the workers: with
         # every CPU held by Train workers, those reads never schedule and all trials stall.
-        per_trial = cfg.compute.num_workers * cfg.compute.cpus_per_worker
+        # Workers that reserve no CPU (cpus_per_worker=0) still compute on one: count one each.
+        per_trial = cfg.compute.num_workers * max(cfg.compute.cpus_per_worker, 1)
         available = resources.get("CPU", 0) - 1
     return max(1, math.floor(available / max(per_trial, 1e-9)))
 

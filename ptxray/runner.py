@@ -112,6 +112,11 @@ def train_fold(
             f"{cache_uri}: the cache has {data.train_images.shape[1]} channels but model.in_channels is "
             f"{cfg.model.in_channels}; prepare a cache with preprocess.channels={list(cfg.preprocess.channels)}"
         )
+    if cfg.train.batch_size == "auto":
+        from ptxray.batchsize import resolve_batch_size
+
+        # Before the seed below: the search builds (and trains) its own throwaway model.
+        cfg, _ = resolve_batch_size(cfg, dev, sample=(data.train_images, data.train_masks), n_train=len(data.train_images))
     log.info(
         "fold %d: %d train images (%d positive), %d val images",
         cfg.train.fold, len(data.train_images), int(data.train_masks.reshape(len(data.train_masks), -1).any(1).sum()), len(data.val_images),

@@ -165,3 +165,28 @@ def local_cluster(tmp_path_factory):
         stop_local_cluster(cluster)
     assert alive_pids(cluster) == [], "processes of the local cluster survived stop_local_cluster"
     assert not cluster.temp_dir.exists()
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_local, synth_dataset, tmp_path_factory):
+    """A real, briefly trained 2-fold run in the K-fold layout (summary.json naming each fold's
+    `engine.fit` folder) at 64 px, with data.cache / images / labels in its config. Shared by the
+    predict, thresholds and evaluate tests; the cache is prepared through Ray Data (`ray_local`)."""
+    from ptxray import ray_data
+    from ptxray.config import load_config
+    from ptxray.runner import train_fold
+
+    root = tmp_path_factory.mktemp("trained-run")
+    images, labels = synth_dataset / "dicom-images-train", synth_dataset / "train-rle.csv"
+    cfg = load_config("smoke", {"train.epochs": 2, "optim.lr": 3e-3, "data.images": str(images), "data.labels": str(labels),
+                                "data.cache": str(root / "cache")})
+    prepared = ray_data.prepare(cfg, images=str(images), labels=str(labels), cache=cfg.data.cache)
+    run_dir = root / "runs" / "exp"
+    fold_dirs = {}
+    for fold in (0, 1):
+        fold_dirs[fold] = str(root / "runs" / "exp.train" / f"fold{fold}")
+        train_fold(cfg.with_overrides({"train.fold": fold}), prepared["cache"], fold_dirs[fold], device="cpu")
+    run_dir.mkdir(parents=True)
+    summary = {"metric": "val_dice", "mode": "max", "rows": [], "best": {"params": {}, "fold_checkpoints": fold_dirs}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir

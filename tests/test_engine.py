@@ -474,3 +474,71 @@ def test_fit_in_memory_with_onecycle_and_step_limit(tmp_path, monkeypatch):
     assert m["train_steps"] == 1 and m["train_images"] == 4 and m["train_penalty"] > 0
     assert m["val_n_images"] == 8 and m["lr"] > 0
     assert list(tmp_path.iterdir()) == []  # no run_dir, no files
+
+
+def _rows(n: int, positive: np.ndarray, first_id: int = 0, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    images = np.zeros((n, 1, size, size), np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    ids = first_id + np.arange(n)  # a row's identity, in two pixels
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256
+    masks[positive, 2:4, 2:4] = 1
+    return images, masks
+
+
+def _ids(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+def test_positive_reservoir_raises_the_rate_and_keeps_row_counts():
+    rng = np.random.default_rng(0)
+    natural, target = 0.2, 0.6
+    res = engine.PositiveReservoir(natural, capacity=16)
+    assert res.swap_probability(natural) == 0.0 and res.swap_probability(0.1) == 0.0
+    assert res.swap_probability(target) == pytest.approx(0.5)
+    seen_pos = seen = 0
+    positive_ids: set[int] = set()
+    for step in range(400):
+        positive = rng.random(8) < natural
+        images, masks = _rows(8, positive, first_id=8 * step)
+        out_images, out_masks = res.apply(images, masks, target, rng)
+        assert out_images.shape == images.shape and out_masks.shape == masks.shape
+        is_pos = out_masks.reshape(8, -1).any(axis=1)
+        assert np.array_equal(_ids(out_images)[positive], _ids(images)[positive])  # positives stay
+        positive_ids |= set(_ids(images)[positive].tolist())
+        # a swapped-in row is a whole positive seen on the stream: its image travels with its mask
+        assert set(_ids(out_images)[is_pos & ~positive].tolist()) <= positive_ids
+        assert np.array_equal(_ids(out_images)[~is_pos], _ids(images)[~is_pos])
+        if step >= 50:
+            seen_pos += int(is_pos.sum())
+            seen += 8
+    assert seen_pos / seen == pytest.approx(target, abs=0.03)
+    assert len(res._images) <= 16 and res.swapped > 0
+
+
+def test_positive_reservoir_without_positives_or_below_the_natural_rate_changes_nothing():
+    rng = np.random.default_rng(1)
+    images, masks = _rows(6, np.zeros(6, bool))
+    res = engine.PositiveReservoir(0.3)
+    out_images, out_masks = res.apply(images, masks, 0.9, rng)  # nothing seen yet to copy
+    assert np.array_equal(out_images, images) and np.array_equal(out_masks, masks)
+    images, masks = _rows(6, np.array([1, 0, 0, 0, 0, 0], bool))
+    out_images, out_masks = engine.PositiveReservoir(0.3).apply(images, masks, 0.2, rng)
+    assert np.array_equal(out_images, images) and np.array_equal(out_masks, masks)
+    with pytest.raises(ValueError, match="natural positive rate"):
+        engine.PositiveReservoir(1.5)
+
+
+def test_train_epoch_skips_a_trailing_one_image_batch():
+    """BatchNorm cannot train on a single sample: the last batch of 9 images at batch 4 is skipped."""
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(base_filters=4, depth=2), preprocess=PreprocessConfig(image_size_px=32))
+    model = build_model(cfg.model)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (9, 3, 32, 32), dtype=np.uint8)
+    masks = np.zeros((9, 32, 32), np.uint8)
+    masks[:3, 8:16, 8:16] = 1
+    batches = [engine.batch_from_numpy(images[i : i + 4], masks[i : i + 4]) for i in range(0, 9, 4)]
+    assert [len(b["image"]) for b in batches] == [4, 4, 1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out = engine.train_epoch(model, batches, optimizer, build_loss(cfg.loss), device="cpu")
+    assert out["steps"] == 2 and out["images"] == 8

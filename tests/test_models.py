@@ -58,7 +58,8 @@ FORWARD_CASES = [
 
 
 def test_forward_cases_cover_every_registered_architecture():
-    assert {arch for arch, _, _ in FORWARD_CASES} == set(available_architectures())
+    # maskrcnn's train-mode forward takes (image, mask) and returns losses: tests/test_maskrcnn.py.
+    assert {arch for arch, _, _ in FORWARD_CASES} == set(available_architectures()) - {"maskrcnn"}
 
 
 @pytest.mark.parametrize("arch,encoder,px", FORWARD_CASES, ids=[f"{a}-{e or 'custom'}" for a, e, _ in FORWARD_CASES])

@@ -70,7 +70,7 @@ def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
     imgs, masks, ids = c.load_arrays(some)
     assert imgs.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
     for img, mask, image_id in zip(imgs, masks, ids):
-        scan = read_dicom_file(images / "study-a" / f"{image_id}.dcm")
+        scan = read_dicom_file(images / "study-a" / f"{image_id}.dcm", min_size_px=CFG.preprocess.image_size_px)
         np.testing.assert_array_equal(img, channels_from_config(scan.image, CFG.preprocess))
         np.testing.assert_array_equal(mask, resize_mask(truth.mask(image_id), 64))
     assert any(m.any() for m in masks)

@@ -160,3 +160,85 @@ def test_second_start_in_the_same_state_dir_is_refused(local_cluster):
     with pytest.raises(ray_cluster.ClusterError, match="already running"):
         ray_cluster.start_local_cluster(local_cluster.state_dir, num_cpus=1)
 
+
+
+def _trial_states(exp_dir: Path) -> dict[int, str]:
+    """fold -> status, from Tune's last saved experiment state (what a restore will see)."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    out = {}
+    for trial_json, _ in data["trial_data"]:
+        t = json.loads(trial_json)
+        out[int(t["config"]["fold"])] = t["status"]
+    return out
+
+
+def _wait(what: str, check, timeout_s: float = 240.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_kfold_job_driver_killed_then_resubmitted_resumes_without_rerunning(local_cluster, synth_dataset, tmp_path):
+    """`ray job submit -- python jobs/kfold.py`, the driver SIGKILLed while fold 0's trial is
+    finished and fold 1's is mid-run (held after its first checkpointed epoch by the test hook),
+    then the same command again: the experiment resumes, fold 0 is not re-run, fold 1 continues
+    from its checkpoint without repeating epoch 0."""
+    import psutil
+
+    from ptxray.ray_tune import DEBUG_ENV
+
+    runs, debug = tmp_path / "runs", tmp_path / "debug"
+    cmd = (
+        f"python jobs/kfold.py --config smoke --images {synth_dataset / 'dicom-images-train'} "
+        f"--labels {synth_dataset / 'train-rle.csv'} --cache {tmp_path / 'cache'} --name resume "
+        f"--max-concurrent-trials 2 --set compute.storage_path={runs} --set train.epochs=3 --set model.base_filters=8"
+    )
+    hooks = {"env_vars": {DEBUG_ENV: json.dumps({"debug_dir": str(debug), "fold": 1, "hold_after_epoch": 0})}}
+    repo = Path(__file__).resolve().parents[1]
+    job1, _ = ray_cluster.submit_job(local_cluster, cmd, working_dir=repo, runtime_env=hooks, follow=False)
+
+    exp = runs / "resume"
+    _wait("fold 1 held after epoch 0", lambda: list(debug.glob("*/held-rank0-*")))
+    _wait("fold 0 TERMINATED in the saved experiment state", lambda: _trial_states(exp).get(0) == "TERMINATED")
+    fold0_dir = next(exp.glob("_trainable_*_fold=0_*"))
+    fold0_result = (fold0_dir / "result.json").read_bytes()
+    fold0_trial = "_".join(fold0_dir.name.split("_")[2:4])  # _trainable_<exp>_<n>_<i>_fold=0_<time>
+    fold0_train = sorted(p.name for p in (runs / "resume.train" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*"))
+    assert len(fold0_result.splitlines()) == 3 and len(fold0_train) == 2  # 3 epochs; Train keeps the last 2
+
+    driver_pid = int(ray_cluster.job_info(local_cluster, job1)["driver_info"]["pid"])
+    driver = psutil.Process(driver_pid)
+    assert "jobs/kfold.py" in " ".join(driver.cmdline())  # the job's own driver, nothing else
+    driver.kill()
+    status = _wait("the first job to fail", lambda: ray_cluster.job_info(local_cluster, job1)["status"] in ("FAILED", "STOPPED"))
+    assert status
+
+    job2, status2 = ray_cluster.submit_job(local_cluster, cmd, working_dir=repo, runtime_env=hooks)
+    logs = ray_cluster.job_logs(local_cluster, job2)
+    assert status2 == "SUCCEEDED", logs[-4000:]
+    assert "resuming experiment" in logs
+
+    # fold 0: finished before the kill, not re-run
+    assert (fold0_dir / "result.json").read_bytes() == fold0_result
+    assert sorted(p.name for p in (runs / "resume.train" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*")) == fold0_train
+    # fold 1: the resumed attempt started from the checkpoint and trained epochs 1 and 2 only
+    trial_debug = next(d for d in debug.iterdir() if d.is_dir())
+    starts = [json.loads(p.read_text()) for p in sorted(trial_debug.glob("start-rank0-*.json"), key=lambda p: json.loads(p.read_text())["time"])]
+    assert [s["resumed"] for s in starts] == [False, True]
+    epochs = [json.loads(line)["metrics"]["epoch"] for line in (trial_debug / "epochs-rank0.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+    summary = json.loads((exp / "summary.json").read_text())
+    assert [r["folds_completed"] for r in summary["rows"]] == [2]

@@ -39,7 +39,7 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
             "compute.storage_path": str(tmp_path / "runs"),
             "search.name": "asha-test",
             # lr 1e-9 never moves off its initial loss: ASHA must stop it at the first rung.
-            "search.grid": {"optim.lr": [0.01, 1e-9]},
+            "search.grid": {"optim.lr": [3e-3, 1e-9]},
             "search.metric": "val_loss",
             "search.mode": "min",
             "search.grace_period": 2,
@@ -50,20 +50,20 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
     summary = ray_tune.run_experiment(cfg, smoke_cache, max_concurrent_trials=1, print_table=False)
 
     rows = {r["params"]["optim.lr"]: r for r in summary["rows"]}
-    assert set(rows) == {0.01, 1e-9}
-    good, bad = rows[0.01], rows[1e-9]
+    assert set(rows) == {3e-3, 1e-9}
+    good, bad = rows[3e-3], rows[1e-9]
     for row in (good, bad):
         assert row["folds"] == 2 and row["folds_completed"] == 2, row
         assert sorted(row["trial_ids"]) == [0, 1], "every configuration ran on both folds (paired)"
     assert good["epochs_min"] == good["epochs_max"] == 3
     assert bad["epochs_max"] == 2, "ASHA stopped the bad configuration at the rung (epoch 2)"
-    assert summary["best"]["params"] == {"optim.lr": 0.01}
+    assert summary["best"]["params"] == {"optim.lr": 3e-3}
     for fold, ckpt in summary["best"]["fold_checkpoints"].items():
         state = load_checkpoint(Path(ckpt) / "checkpoints" / "last.pt")
         assert state["config"]["train"]["fold"] == fold
 
     saved = json.loads(Path(summary["files"]["json"]).read_text())
-    assert saved["best"]["params"] == {"optim.lr": 0.01}
+    assert saved["best"]["params"] == {"optim.lr": 3e-3}
     assert Path(summary["files"]["csv"]).read_text().count("\n") == 3
 
 
@@ -109,3 +109,18 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
     new_checkpoints = [r for r in requests if r["method"] in ("PUT", "POST") and "/checkpoint_" in r["url"]]
     assert new_checkpoints == [], "a finished trial was not trained again"
     assert len(s3.list_objects_v2(Bucket="ptx-runs")["Contents"]) >= n_objects
+
+
+def test_default_max_concurrent_trials_follows_the_cluster(ray_local):
+    import ray
+
+    from ptxray.ray_tune import default_max_concurrent_trials
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    one_cpu = load_config("smoke", {"compute.num_workers": 1, "compute.cpus_per_worker": 1})
+    assert default_max_concurrent_trials(one_cpu) == cpus - 1  # one CPU stays free for Ray Data
+    # workers that reserve no CPU still compute on one
+    assert default_max_concurrent_trials(one_cpu.with_overrides({"compute.cpus_per_worker": 0})) == cpus - 1
+    assert default_max_concurrent_trials(one_cpu.with_overrides({"compute.num_workers": cpus})) == 1
+    # GPU trials are counted in GPUs; none here still runs one at a time rather than none
+    assert default_max_concurrent_trials(one_cpu.with_overrides({"compute.use_gpu": True})) == 1

@@ -9,6 +9,9 @@ and returns `(seg_logits (B, 1, H, W), cls_logits (B, 1))`, logits not probabili
 single-device (no DDP, `.cuda()` or autocast inside). Each model also carries two ints that say
 which inputs it accepts, for the data pipeline and predict to pad or resize to:
 `input_multiple` (H and W must be multiples of it) and `min_input_px` (H and W at least this).
+One exception in train mode: a model with `loss_from_targets = True` (maskrcnn, a detector whose
+loss comes from the model) is called as `forward(image, mask)` and returns a dict of loss terms;
+`ptxray.engine.train_epoch` handles it. In eval mode it follows the contract above.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 # Imported last: these modules register their builders with the registry defined above.
-from ptxray.models import smp_models, vanilla  # noqa: E402,F401
+from ptxray.models import maskrcnn, smp_models, vanilla  # noqa: E402,F401
 from ptxray.models.weights import load_encoder_weights  # noqa: E402
 
 __all__ = [

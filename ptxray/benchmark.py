@@ -1,0 +1,999 @@
+"""`ptxray benchmark`: which architecture to train for pneumothorax, and at what cost.
+
+Every architecture runs on the same cached data, the same fold and the same training budget
+(epochs, or seconds of training), and gets the same measurements:
+
+- `params_trainable` / `params_total`: `sum(p.numel())` of the built model (trainable: requires_grad).
+- `gflops_per_image`: FLOPs (not MACs; FLOPs = 2 x multiply-accumulates) of one eval-mode forward
+  of one real validation image at the cache's size, counted by `torch.utils.flop_counter
+  .FlopCounterMode` (convolutions, matrix products, attention: the ops with a FLOP formula;
+  elementwise ops, pooling, torchvision's roi_align and NMS count nothing). For maskrcnn the
+  count depends on the number of detections (up to `MAX_DETECTIONS_PER_IMAGE`).
+- `max_batch_size`: the largest training batch that fits (ptxray.batchsize: doubling, then
+  bisection, recovering from OOM; on CPU bounded by a memory budget and a cap, so it often reads
+  "cap"). `limit` says what stopped the search.
+- `train_images_per_s` / `infer_images_per_s`: a training step (`engine.train_epoch`: forward,
+  loss, backward, optimizer step) and an eval forward on a batch already resident on the device,
+  so data loading, augmentation and host-to-device copies are excluded. `warmup_steps` steps are
+  run and discarded first (they include torch.compile's compilation with `--compile`); then
+  `repeats` timings of `timing_steps` steps each, CUDA synchronised before every clock read.
+  Reported: the median over the repeats, with min and max.
+- `peak_memory_bytes`: during the training timing (model, optimizer state, batch, activations),
+  above what was in use before the model was built. CUDA: `torch.cuda.max_memory_allocated`
+  after a reset. CPU: the process resident-set high-water mark (reset through
+  /proc/self/clear_refs, after returning freed memory to the OS), minus the resident set before.
+  In a Ray trial each architecture runs in its own process; with `--local` they share one, which
+  the reset makes measurable but which still shares allocator state (see the report's notes).
+- Quality after the budget, on the fold's validation split: `val_dice` (competition rule: an empty
+  prediction on an empty mask scores 1), `val_dice_pos` (positives only), `val_iou`, `val_auc`
+  (image-level), and `val_empty_dice`, what predicting "empty" everywhere scores on the same
+  images. The training loop is the engine's (`train_epoch` / `evaluate`) with the config's
+  optimizer, loss and augmentation; the lr schedule follows `optim.scheduler` over the epoch
+  budget, and is constant under a seconds budget (no number of epochs to plan it over). The
+  seconds budget counts training time only (validation after each epoch is not charged), so
+  learning curves come for free.
+
+On CUDA the runs use bf16 autocast and channels_last (`compute.amp`, `compute.channels_last`)
+and, with `--compile`, torch.compile (not for maskrcnn, whose detection code is dynamic). Numbers
+are comparable only within one device: every output records the device and software versions.
+
+`run_local` runs the architectures one after another in this process; `ptxray.ray_benchmark`
+runs each as a Ray Tune trial (on a cluster, in parallel on separate GPUs). Both return the same
+result rows, which `write_report` turns into CSV, JSON, PNG plots and a Markdown report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptxray.batchsize import (
+    DEFAULT_MAX_BATCH_SIZE,
+    PeakMemory,
+    find_max_batch_size,
+    memory_baseline_bytes,
+    release_memory,
+)
+from ptxray.cache import Cache
+from ptxray.config import Config
+from ptxray.engine import (
+    batch_from_numpy,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    scheduler_steps_per_batch,
+    step_epoch_scheduler,
+    train_epoch,
+)
+from ptxray.losses import build_loss, weight_penalty
+from ptxray.models import available_architectures, build_model
+from ptxray.runner import FoldData, make_batch_fns, steps_per_epoch
+
+log = logging.getLogger("ptxray")
+
+# name -> (model.arch, model.encoder or None for the config's encoder)
+PRESETS: dict[str, tuple[str, str | None]] = {
+    "unet_vanilla": ("unet_vanilla", None),
+    "unet_densenet121": ("unet", "densenet121"),
+    "unet_resnet34": ("unet", "resnet34"),
+    "unet_efficientnet-b0": ("unet", "efficientnet-b0"),
+    "fpn": ("fpn", None),
+    "deeplabv3": ("deeplabv3", None),
+    "deeplabv3plus": ("deeplabv3plus", None),
+    "fcn": ("fcn", None),
+    "maskrcnn": ("maskrcnn", None),
+    "unetplusplus": ("unetplusplus", None),
+    "manet": ("manet", None),
+    "linknet": ("linknet", None),
+    "pspnet": ("pspnet", None),
+    "pan": ("pan", None),
+    "upernet": ("upernet", None),
+}
+# The paper's set: its U-Nets, the two comparisons it names (DeepLabV3, Mask R-CNN), FPN, FCN.
+PAPER_SET = (
+    "unet_vanilla",
+    "unet_densenet121",
+    "unet_resnet34",
+    "unet_efficientnet-b0",
+    "fpn",
+    "deeplabv3",
+    "deeplabv3plus",
+    "fcn",
+    "maskrcnn",
+)
+OTHER_DECODERS = ("unetplusplus", "manet", "linknet", "pspnet", "pan", "upernet")
+NO_COMPILE = ("maskrcnn",)  # detection code with data-dependent shapes: torch.compile would thrash
+
+# Columns of the CSV / table, in order (the JSON has these plus history and search attempts).
+RESULT_COLUMNS = (
+    "name", "arch", "encoder", "encoder_weights", "status", "error",
+    "params_trainable", "params_total", "gflops_per_image",
+    "max_batch_size", "max_batch_limit", "max_batch_cap", "batch_size",
+    "train_images_per_s", "train_images_per_s_min", "train_images_per_s_max",
+    "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max",
+    "peak_memory_bytes", "peak_memory_kind",
+    "epochs_completed", "train_steps", "train_images_seen", "train_seconds",
+    "val_dice", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice", "val_dice_cls",
+    "val_n_images", "val_n_positive",
+    "device", "device_name", "torch_threads", "seconds_total",
+)  # fmt: skip
+
+
+# ---- what to compare ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # as given on the command line: a preset or "arch:encoder"
+    arch: str
+    encoder: str | None = None  # None: the config's model.encoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_archs(text: str) -> list[ArchSpec]:
+    """"paper" (the default set), "all" (paper + smp's other decoders), or a comma list of presets
+    (`unet_resnet34`, `fpn`, ...) and `arch:encoder` pairs (`fpn:resnet18`, `unet:densenet121`)."""
+    names: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item == "paper":
+            names.extend(PAPER_SET)
+        elif item == "all":
+            names.extend(PAPER_SET + OTHER_DECODERS)
+        else:
+            names.append(item)
+    if not names:
+        raise ValueError(f"--archs {text!r}: no architecture named")
+    specs: list[ArchSpec] = []
+    registered = available_architectures()
+    for name in dict.fromkeys(names):  # de-duplicated, order kept
+        if name in PRESETS:
+            arch, encoder = PRESETS[name]
+        elif ":" in name:
+            arch, encoder = name.split(":", 1)
+        else:
+            arch, encoder = name, None
+        if arch not in registered:
+            raise ValueError(
+                f"--archs: unknown architecture {name!r}; presets: {sorted(PRESETS)}, "
+                f"or ARCH:ENCODER with ARCH in {registered}"
+            )
+        specs.append(ArchSpec(name, arch, encoder or None))
+    return specs
+
+
+def arch_config(cfg: Config, spec: ArchSpec, chexnet: str | None = None) -> Config:
+    """The config for one architecture: random initial weights, CheXNet for densenet121 when given."""
+    encoder = spec.encoder or cfg.model.encoder
+    weights = f"chexnet:{chexnet}" if chexnet and encoder == "densenet121" and spec.arch != "unet_vanilla" else "none"
+    return cfg.with_overrides({"model.arch": spec.arch, "model.encoder": encoder, "model.encoder_weights": weights})
+
+
+# ---- settings -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    fold: int = 0
+    epochs: int = 0  # training budget: epochs ...
+    seconds: float = 0.0  # ... or seconds of training (exactly one of the two)
+    batch_size: int | str = "auto"  # "auto": each architecture trains at its largest batch
+    batch_search: bool = True  # find the largest batch size (needed by "auto")
+    max_batch_size: int = 0  # the search's cap; 0 = ptxray.batchsize's default for the device
+    warmup_steps: int = 2
+    timing_steps: int = 5
+    repeats: int = 3
+    compile: bool = False
+    device: str = ""  # "" = cuda when available, else cpu
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    chexnet: str = ""  # CheXNet checkpoint for densenet121 encoders ("" = random init)
+
+    def __post_init__(self) -> None:
+        if (self.epochs > 0) == (self.seconds > 0):
+            raise ValueError(
+                f"benchmark budget: give exactly one of epochs ({self.epochs}) or seconds ({self.seconds}), > 0"
+            )
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"benchmark batch size: a positive integer or 'auto', got {self.batch_size!r}")
+        if self.batch_size == "auto" and not self.batch_search:
+            raise ValueError("benchmark batch size 'auto' needs the batch-size search (drop --no-batch-search)")
+        for name in ("timing_steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"benchmark {name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.max_batch_size < 0 or self.threads < 0:
+            raise ValueError("benchmark warmup_steps, max_batch_size and threads must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def budget_text(self) -> str:
+        return f"{self.epochs} epoch(s)" if self.epochs else f"{self.seconds:g} s of training"
+
+
+def resolve_device(settings: BenchmarkSettings) -> torch.device:
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- the environment ------------------------------------------------------------------------
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The device and software versions: recorded in every output."""
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cuda_version": torch.version.cuda if cuda else None,
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            **{p: _version(p) for p in ("ptxray", "torch", "torchvision", "segmentation-models-pytorch", "timm", "ray", "numpy")},
+            "torch": torch.__version__,  # with its build tag (+cu130, +cpu): the package version omits it
+        },
+    }
+
+
+# ---- measurements ---------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs (2 x MACs) of one eval-mode forward of `image` (1, C, H, W) on the model's device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def measure_rate(
+    run_steps: Callable[[int], Any],
+    images_per_step: int,
+    device: torch.device,
+    *,
+    warmup_steps: int,
+    timing_steps: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Images/s of `run_steps(k)` (k steps): warm-up discarded, then `repeats` synchronised timings."""
+    if warmup_steps:
+        run_steps(warmup_steps)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run_steps(timing_steps)
+        _sync(device)
+        rates.append(timing_steps * images_per_step / (time.perf_counter() - t0))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": rates}
+
+
+def _resident_batch(images: np.ndarray, masks: np.ndarray, batch_size: int, device: torch.device, channels_last: bool):
+    idx = np.arange(batch_size) % len(images)
+    batch = batch_from_numpy(images[idx], masks[idx])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    return model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _without_single_image_batches(batches: Iterable) -> Iterator:
+    # A trailing batch of one image: BatchNorm cannot train on it (deeplabv3's ASPP pooling raises).
+    for batch in batches:
+        if batch["image"].shape[0] > 1:
+            yield batch
+
+
+def _within_seconds(batches: Iterable, seconds: float) -> Iterator:
+    """The batches until `seconds` have passed since the first (which is always given)."""
+    start = time.perf_counter()
+    for batch in batches:
+        yield batch
+        if time.perf_counter() - start >= seconds:
+            return
+
+
+def train_for_budget(
+    model: nn.Module,
+    cfg: Config,
+    data: FoldData,
+    settings: BenchmarkSettings,
+    device: torch.device,
+    *,
+    amp: bool,
+    channels_last: bool,
+) -> list[dict[str, Any]]:
+    """Train for the budget with the engine; one history entry (train + val metrics) per epoch."""
+    train_batches, val_batches = make_batch_fns(cfg, data)
+    optimizer = build_optimizer(model, cfg.optim)
+    loss_fn = build_loss(cfg.loss).to(device)
+    l1, l2 = cfg.loss.l1_penalty, cfg.loss.l2_penalty
+    penalty = (lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None
+    n_steps = steps_per_epoch(cfg, len(data.train_images))
+    scheduler = None
+    if settings.epochs:
+        scheduler = build_scheduler(optimizer, cfg.optim, settings.epochs, n_steps, mode=cfg.train.monitor_mode)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    images_seen = steps_done = 0
+    epoch = 0
+    while (epoch < settings.epochs) if settings.epochs else (train_seconds < settings.seconds):
+        batches: Iterable = _without_single_image_batches(train_batches(epoch, np.random.default_rng([cfg.train.seed, epoch])))
+        if settings.seconds:
+            batches = _within_seconds(batches, settings.seconds - train_seconds)
+        stats = train_epoch(
+            model, batches, optimizer, loss_fn, device=device,
+            scheduler=scheduler if scheduler_steps_per_batch(scheduler) else None,
+            amp=amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=penalty, channels_last=channels_last,
+        )  # fmt: skip
+        train_seconds += stats["seconds"]
+        images_seen += stats["images"]
+        steps_done += stats["steps"]
+        val = evaluate(model, val_batches(), device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn)
+        step_epoch_scheduler(scheduler, float(val.get(cfg.train.monitor, math.nan)))
+        history.append(
+            {
+                "epoch": epoch,
+                "epochs_completed": len(history) + stats["steps"] / max(n_steps, 1),
+                "train_loss": stats["train_loss"],
+                "train_dice": stats["train_dice"],
+                "train_steps": steps_done,
+                "train_images_seen": images_seen,
+                "train_seconds": train_seconds,
+                "lr": float(optimizer.param_groups[-1]["lr"]),
+                **val,
+            }
+        )
+        epoch += 1
+    return history
+
+
+def benchmark_architecture(
+    cfg: Config, spec: ArchSpec, data: FoldData, settings: BenchmarkSettings
+) -> dict[str, Any]:
+    """Every measurement for one architecture; never raises (a failure is a row with its error)."""
+    device = resolve_device(settings)
+    t_start = time.perf_counter()
+    row: dict[str, Any] = {
+        "name": spec.name, "arch": spec.arch, "encoder": None, "encoder_weights": None,
+        "status": "ok", "error": None, "device": str(device), "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(), "environment": environment(device),
+    }  # fmt: skip
+    try:
+        acfg = arch_config(cfg, spec, settings.chexnet or None)
+        row["encoder"] = acfg.model.encoder if spec.arch not in ("unet_vanilla", "maskrcnn") else None
+        row["encoder_weights"] = acfg.model.encoder_weights
+        _measure(acfg, spec, data, settings, device, row)
+    except Exception as e:  # noqa: BLE001 - one architecture's failure must not end the benchmark
+        row["status"] = "error"
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.error("benchmark %s failed: %s\n%s", spec.name, row["error"], traceback.format_exc())
+    finally:
+        release_memory()
+    row["seconds_total"] = time.perf_counter() - t_start
+    return row
+
+
+def _time_model(
+    cfg: Config, data: FoldData, settings: BenchmarkSettings, device: torch.device, batch_size: int,
+    amp: bool, channels_last: bool, compile_model: bool,
+) -> tuple[dict[str, Any], dict[str, Any], PeakMemory]:
+    """(training rate, inference rate, peak memory of the training timing) at `batch_size`."""
+    timing = dict(warmup_steps=settings.warmup_steps, timing_steps=settings.timing_steps, repeats=settings.repeats)
+    with PeakMemory(device, baseline_bytes=memory_baseline_bytes(device)) as peak:
+        _seed(cfg.train.seed)
+        model = _place(build_model(cfg.model), device, channels_last)
+        runnable = torch.compile(model) if compile_model else model
+        optimizer = build_optimizer(model, cfg.optim)
+        loss_fn = build_loss(cfg.loss).to(device)
+        batch = _resident_batch(data.train_images, data.train_masks, batch_size, device, channels_last)
+
+        def train_steps(k: int) -> None:
+            train_epoch(
+                runnable, [batch] * k, optimizer, loss_fn, device=device, amp=amp,
+                grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=channels_last,
+            )  # fmt: skip
+
+        train_rate = measure_rate(train_steps, batch_size, device, **timing)
+    val_image = _resident_batch(data.val_images, data.val_masks, batch_size, device, channels_last)["image"]
+    runnable.eval()
+
+    def infer_steps(k: int) -> None:
+        with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()):
+            for _ in range(k):
+                runnable(val_image)
+
+    infer_rate = measure_rate(infer_steps, batch_size, device, **timing)
+    return train_rate, infer_rate, peak
+
+
+def _measure(
+    cfg: Config, spec: ArchSpec, data: FoldData, settings: BenchmarkSettings, device: torch.device, row: dict[str, Any]
+) -> None:
+    cuda = device.type == "cuda"
+    amp = cfg.compute.amp and cuda
+    channels_last = cfg.compute.channels_last and cuda
+    compile_model = settings.compile and spec.arch not in NO_COMPILE
+    size = cfg.preprocess.image_size_px
+    n_train = len(data.train_images)
+
+    # Size and FLOPs, on a fresh model.
+    _seed(cfg.train.seed)
+    model = _place(build_model(cfg.model), device, channels_last)
+    row["params_total"] = sum(p.numel() for p in model.parameters())
+    row["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    image = _resident_batch(data.val_images, data.val_masks, 1, device, channels_last)["image"]
+    row["gflops_per_image"] = count_flops(model, image) / 1e9
+    del model, image
+    log.info("%s: %.2fM trainable parameters, %.2f GFLOPs/image at %d px", spec.name, row["params_trainable"] / 1e6, row["gflops_per_image"], size)
+
+    # The largest batch that fits.
+    if settings.batch_search:
+        cap = min(settings.max_batch_size or DEFAULT_MAX_BATCH_SIZE["cuda" if cuda else "cpu"], n_train)
+        search = find_max_batch_size(
+            cfg, device, sample=(data.train_images, data.train_masks), max_batch_size=cap, compile_model=compile_model
+        )
+        row.update(max_batch_size=search.batch_size, max_batch_limit=search.limit, max_batch_cap=cap)
+        row["batch_search"] = search.to_dict()
+    batch_size = row["max_batch_size"] if settings.batch_size == "auto" else int(settings.batch_size)
+    row["batch_size"] = batch_size
+    cfg = cfg.with_overrides({"train.batch_size": batch_size})
+
+    # Throughput and peak memory, on a throwaway model (timing steps must not count as training).
+    train_rate, infer_rate, peak = _time_model(cfg, data, settings, device, batch_size, amp, channels_last, compile_model)
+    release_memory()
+    row.update(peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind if peak.exact else peak.kind + "_upper_bound")
+    for key, rate in (("train_images_per_s", train_rate), ("infer_images_per_s", infer_rate)):
+        row[key], row[key + "_min"], row[key + "_max"] = rate["median"], rate["min"], rate["max"]
+        row[key + "_repeats"] = rate["repeats"]
+    log.info(
+        "%s: batch %d, train %.1f img/s, inference %.1f img/s, peak memory %.0f MiB",
+        spec.name, batch_size, train_rate["median"], infer_rate["median"], peak.peak_bytes / 2**20,
+    )
+
+    # Quality after the budget, from a fresh model with the same seed as every architecture.
+    _seed(cfg.train.seed)
+    model = _place(build_model(cfg.model), device, channels_last)
+    runnable = torch.compile(model) if compile_model else model
+    history = train_for_budget(runnable, cfg, data, settings, device, amp=amp, channels_last=channels_last)
+    del model, runnable
+    last = history[-1]
+    row["history"] = history
+    row["epochs_completed"] = last["epochs_completed"]
+    for key in ("train_steps", "train_images_seen", "train_seconds"):
+        row[key] = last[key]
+    for key in ("val_dice", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice", "val_dice_cls", "val_n_images", "val_n_positive"):
+        row[key] = last.get(key)
+    log.info(
+        "%s: after %s: val_dice %.4f (empty baseline %.4f), dice_pos %.4f, auc %.3f",
+        spec.name, settings.budget_text(), last["val_dice"], last["val_empty_dice"], last["val_dice_pos"], last["val_auc"],
+    )
+
+
+def check_cache(cfg: Config, cache_uri: str, image_size_px: int = 0) -> Config:
+    """The config with the cache's preprocessing (its image size and channels are what the models see).
+
+    `image_size_px` > 0: the size asked for; a cache prepared at another size is an error.
+    """
+    cache = Cache.open(cache_uri)
+    pre = (cache.manifest.get("summary") or {}).get("preprocess") or {}
+    if image_size_px and pre.get("image_size_px") and int(pre["image_size_px"]) != image_size_px:
+        raise ValueError(
+            f"{cache.uri}: the cache holds {pre['image_size_px']} px images, not {image_size_px} px; "
+            "give --images/--labels to prepare one at that size, or drop --image-size"
+        )
+    overrides = {}
+    if pre.get("image_size_px"):
+        overrides["preprocess.image_size_px"] = int(pre["image_size_px"])
+    if pre.get("channels"):
+        overrides["preprocess.channels"] = list(pre["channels"])
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def run_local(
+    cfg: Config,
+    cache_uri: str,
+    specs: Sequence[ArchSpec],
+    settings: BenchmarkSettings,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark each architecture in this process, one after another, on fold `settings.fold`."""
+    cfg = check_cache(cfg, cache_uri).with_overrides({"train.fold": settings.fold})
+    data = FoldData.load(cache_uri, settings.fold)
+    results = []
+    saved_threads = torch.get_num_threads()
+    try:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        for spec in specs:
+            log.info("benchmark %s (%d/%d)", spec.name, len(results) + 1, len(specs))
+            row = benchmark_architecture(cfg, spec, data, settings)
+            results.append(row)
+            if on_result is not None:
+                on_result(row)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return results
+
+
+# ---- outputs --------------------------------------------------------------------------------
+def _num(value: Any) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    f = _num(value)
+    return "-" if not math.isfinite(f) else f"{f:.{digits}f}"
+
+
+def _fmt_int(value: Any) -> str:
+    f = _num(value)
+    return "-" if not math.isfinite(f) else f"{int(f)}"
+
+
+def _fmt_batch(row: dict[str, Any]) -> str:
+    if row.get("max_batch_size") is None:
+        return "-"
+    limit = row.get("max_batch_limit")
+    return f"{row['max_batch_size']}" + (" (cap)" if limit == "cap" else " (OOM)" if limit == "out of memory" else " (budget)")
+
+
+def _fmt_rate(row: dict[str, Any], key: str) -> str:
+    if row.get(key) is None:
+        return "-"
+    return f"{_fmt(row[key], 1)} ({_fmt(row[key + '_min'], 1)}–{_fmt(row[key + '_max'], 1)})"
+
+
+# (header, cell function): the terminal table and the Markdown table show the same cells.
+TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("architecture", lambda r: r["name"]),
+    ("params (M)", lambda r: _fmt(_num(r.get("params_trainable")) / 1e6)),
+    ("GFLOPs/img", lambda r: _fmt(r.get("gflops_per_image"))),
+    ("max batch", _fmt_batch),
+    ("batch", lambda r: _fmt_int(r.get("batch_size"))),
+    ("train img/s (min–max)", lambda r: _fmt_rate(r, "train_images_per_s")),
+    ("infer img/s (min–max)", lambda r: _fmt_rate(r, "infer_images_per_s")),
+    ("peak mem (MiB)", lambda r: _fmt(_num(r.get("peak_memory_bytes")) / 2**20, 0)),
+    ("epochs", lambda r: _fmt(r.get("epochs_completed"))),
+    ("Dice", lambda r: _fmt(r.get("val_dice"), 4)),
+    ("Dice pos", lambda r: _fmt(r.get("val_dice_pos"), 4)),
+    ("IoU", lambda r: _fmt(r.get("val_iou"), 4)),
+    ("AUC", lambda r: _fmt(r.get("val_auc"), 3)),
+    ("empty Dice", lambda r: _fmt(r.get("val_empty_dice"), 4)),
+]
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    return [[cell(r) if r.get("status") == "ok" or i == 0 else "-" for i, (_, cell) in enumerate(TABLE)] for r in results]
+
+
+def devices_of(results: Sequence[dict[str, Any]]) -> list[str]:
+    return sorted({f"{r['device']} ({r.get('device_name')})" for r in results if r.get("device")})
+
+
+def _caption(report: dict[str, Any]) -> str:
+    env, s = report["environment"], report["settings"]
+    versions = env["versions"]
+    return (
+        f"{', '.join(devices_of(report['results']))}; torch {versions['torch']}, torchvision {versions['torchvision']}, "
+        f"smp {versions['segmentation-models-pytorch']}; {report['settings_text']}; {report['mode']}; "
+        f"fold {s['fold']}, {report['image_size_px']} px"
+    )
+
+
+def print_table(report: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Job logs and CI are not terminals: without a width, rich would squeeze the table into 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 220)
+    table = Table(title="ptxray benchmark", caption=_caption(report))
+    for i, (header, _) in enumerate(TABLE):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for cells in table_rows(report["results"]):
+        table.add_row(*cells)
+    console.print(table)
+    for r in report["results"]:
+        if r.get("status") != "ok":
+            console.print(f"[red]{r['name']}[/]: {r.get('error')}")
+    for note in report["device_notes"]:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return "" if value is None else value
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_clean(value.item())
+    return value
+
+
+def _footer(fig: Any, report: dict[str, Any]) -> None:
+    import textwrap
+
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(_caption(report), 160)), fontsize=6, va="bottom", color="0.35")
+
+
+def plot_quality_vs_throughput(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ax, key, title in ((axes[0], "val_dice", "Dice (competition rule)"), (axes[1], "val_dice_pos", "Dice on positive images")):
+        for r in ok:
+            x, y = _num(r["train_images_per_s"]), _num(r.get(key))
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            err = [[x - _num(r["train_images_per_s_min"])], [_num(r["train_images_per_s_max"]) - x]]
+            ax.errorbar([x], [y], xerr=err, fmt="o", capsize=3)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        baseline = _num(ok[0].get("val_empty_dice")) if ok else math.nan
+        if key == "val_dice" and math.isfinite(baseline):
+            ax.axhline(baseline, ls="--", color="0.5", label="all-empty baseline (same images)")
+            ax.legend(fontsize=8, loc="lower right")
+        xs = [_num(r["train_images_per_s"]) for r in ok if math.isfinite(_num(r["train_images_per_s"]))]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.1)
+        ax.set_xlabel("training throughput (images/s, median; bars: min–max)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} after {report['settings_text']}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _footer(fig, report)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost_bars(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r.get("status") == "ok"]
+    names = [r["name"] for r in ok]
+    ypos = np.arange(len(ok))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 0.45 * len(ok) + 2.2), sharey=True)
+    panels = [
+        ("train_images_per_s", "training images/s", 1.0),
+        ("infer_images_per_s", "inference images/s", 1.0),
+        ("peak_memory_bytes", "peak memory while training (MiB)", 1 / 2**20),
+        ("max_batch_size", "largest batch that fits", 1.0),
+    ]
+    for ax, (key, label, scale) in zip(axes, panels):
+        values = np.array([_num(r.get(key)) * scale for r in ok])
+        if key.endswith("_per_s"):
+            lo = values - np.array([_num(r[key + "_min"]) for r in ok])
+            hi = np.array([_num(r[key + "_max"]) for r in ok]) - values
+            ax.barh(ypos, values, xerr=[lo, hi], capsize=3, color="tab:blue")
+        else:
+            ax.barh(ypos, values, color="tab:orange" if "memory" in key else "tab:green")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ypos, names)
+    axes[0].invert_yaxis()
+    memory = "CUDA max allocated" if report["memory_kind_text"].startswith("CUDA") else "process RSS growth"
+    fig.suptitle(f"cost per architecture at {report['image_size_px']} px (peak memory: {memory}; see the report)")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    _footer(fig, report)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r.get("status") == "ok" and r.get("history")]
+    cols = min(3, max(1, len(ok)))
+    rows = max(1, math.ceil(len(ok) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(ok):]:
+        ax.axis("off")
+    legend: tuple[list, list] = ([], [])
+    for ax, r in zip(axes.flat, ok):
+        h = r["history"]
+        x = [_num(e["train_seconds"]) for e in h]
+        ax.plot(x, [_num(e["train_loss"]) for e in h], "o-", color="tab:red", label="train loss")
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel("train loss", color="tab:red")
+        ax2 = ax.twinx()
+        ax2.plot(x, [_num(e.get("val_dice")) for e in h], "s-", color="tab:blue", label="val Dice")
+        ax2.plot(x, [_num(e.get("val_dice_pos")) for e in h], "^-", color="tab:cyan", label="val Dice pos")
+        ax2.plot(x, [_num(e.get("val_empty_dice")) for e in h], "--", color="0.5", label="empty baseline")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("validation")
+        ax.set_title(f"{r['name']} (batch {r['batch_size']})", fontsize=10)
+        ax.grid(alpha=0.3)
+        if not legend[0]:
+            for a in (ax, ax2):
+                handles, labels = a.get_legend_handles_labels()
+                legend[0].extend(handles)
+                legend[1].extend(labels)
+    fig.suptitle(
+        f"learning curves after {report['settings_text']} (one point per epoch; under a seconds budget the last may be partial)",
+        fontsize=10, y=0.995,
+    )  # fmt: skip
+    if legend[0]:
+        fig.legend(*legend, loc="upper center", bbox_to_anchor=(0.5, 0.965), fontsize=8, ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.92))
+    _footer(fig, report)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    headers = [h for h, _ in TABLE]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for cells in table_rows(results):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    env, s, files = report["environment"], report["settings"], report["files"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    errors = [r for r in report["results"] if r.get("status") != "ok"]
+    parts = [
+        "# ptxray benchmark",
+        "",
+        f"Command: `{report['command']}`" if report.get("command") else "",
+        "",
+        f"- **Device**: {', '.join(devices_of(report['results']))}. "
+        + " ".join(report["device_notes"]),
+        f"- **Software**: Python {env['python']}, {versions}; {env['platform']}; torch threads {env['torch_threads']}.",
+        f"- **Data**: cache `{report['cache']}`, fold {s['fold']} ({report['n_train']} training / "
+        f"{report['n_val']} validation images, {report['n_val_positive']} positive), {report['image_size_px']} px, "
+        f"channels {report['channels']}.",
+        f"- **Budget**: {report['settings_text']} per architecture; batch size "
+        f"{'the largest that fits (per architecture)' if s['batch_size'] == 'auto' else s['batch_size']}; "
+        f"timing: {s['warmup_steps']} warm-up steps discarded, then {s['repeats']} repeats of {s['timing_steps']} steps "
+        f"(median, min–max); {'torch.compile on' if s['compile'] else 'no torch.compile'}.",
+        f"- **Run as**: {report['mode']}.",
+        "",
+        _markdown_table(report["results"]),
+        "",
+    ]
+    if errors:
+        parts += ["Failed architectures:", ""] + [f"- `{r['name']}`: {r.get('error')}" for r in errors] + [""]
+    parts += [
+        "![quality against training throughput](" + Path(files["quality_vs_throughput"]).name + ")",
+        "",
+        "![throughput, memory and batch size](" + Path(files["cost_bars"]).name + ")",
+        "",
+        "![learning curves](" + Path(files["learning_curves"]).name + ")",
+        "",
+        "Files: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for k, p in files.items() if k != "markdown"),
+        "",
+        "## How to read it",
+        "",
+        "- **params (M)**: trainable parameters, millions. **GFLOPs/img**: FLOPs (2 × MACs) of one "
+        "eval-mode forward of one image at this size (torch FlopCounterMode: convolutions and matrix "
+        "products; maskrcnn's count depends on its detections and leaves out roi_align/NMS).",
+        "- **max batch**: the largest training batch that fit (doubling, then bisection); `(cap)`: the search's "
+        "cap was reached (on CPU the cap or half the available memory bounds it; there is no OOM exception), "
+        "`(OOM)`: a larger one ran out of memory, `(budget)`: a larger one exceeded the memory budget.",
+        "- **train / infer img/s**: a training step (forward, loss, backward, optimizer step) and an eval forward "
+        "on a batch resident on the device: data loading and augmentation excluded. Median over repeats (min–max).",
+        f"- **peak mem**: {report['memory_kind_text']}.",
+        "- **epochs**: optimizer steps taken / steps in one epoch (a trailing one-image batch is skipped: BatchNorm "
+        "cannot train on it). A seconds budget counts training time only and is checked between steps.",
+        "- **Dice** (competition rule: empty prediction on an empty mask = 1), **Dice pos** (positive images only), "
+        "**IoU**, **AUC** (image-level score), and **empty Dice**: what predicting empty everywhere scores on the "
+        "same images. Quality is measured after the budget (last epoch, not the best).",
+        "- maskrcnn: torchvision's Mask R-CNN (ResNet-50 FPN, random init); instance masks merged into one "
+        "map (max of score × mask), best box score as the image-level score. It trains on its own loss.",
+    ]
+    if any(str(r.get("device", "")).startswith("cpu") for r in report["results"]):
+        parts.append(
+            "- **CPU run**: float32, no autocast, no channels_last, no GPU. Throughput and memory rank the "
+            "architectures on this CPU only; on a GPU (bf16, channels_last) the ranking and the ratios differ."
+        )
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    results: Sequence[dict[str, Any]],
+    *,
+    cfg: Config,
+    cache_uri: str,
+    settings: BenchmarkSettings,
+    out_dir: str | Path,
+    mode: str,
+    command: str = "",
+) -> dict[str, Any]:
+    """Write benchmark.json, benchmark.csv, three PNG plots and benchmark.md under `out_dir` (a
+    folder or an s3:// prefix: written locally first, then uploaded); return the report."""
+    from ptxray import storage
+
+    if storage.is_uri(str(out_dir)) and not str(out_dir).startswith("file://"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ptxray-benchmark-") as tmp:
+            report = write_report(
+                results, cfg=cfg, cache_uri=cache_uri, settings=settings, out_dir=tmp, mode=mode, command=command
+            )
+            uploaded = {}
+            for name, local in report["files"].items():
+                uploaded[name] = str(out_dir).rstrip("/") + "/" + Path(local).name
+                storage.write_bytes_atomic(uploaded[name], Path(local).read_bytes())
+        report["files"] = uploaded
+        return report
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = check_cache(cfg, cache_uri)
+    cache = Cache.open(cache_uri)
+    train_ids, val_ids = cache.split_ids(settings.fold)
+    idx = cache.index()
+    labels = dict(zip(idx.column("image_id").to_pylist(), idx.column("label").to_pylist()))
+    # Each row carries the environment of the process that measured it (a Ray trial's, maybe remote).
+    env = next((r["environment"] for r in results if r.get("environment")), None) or environment(resolve_device(settings))
+    devices = devices_of(results)
+    device_notes = []
+    if len(devices) > 1:
+        device_notes.append(
+            f"The architectures ran on {len(devices)} different devices: their throughput and memory are NOT comparable."
+        )
+    else:
+        device_notes.append("Throughput and memory are comparable between these rows only (one device).")
+    kinds = {r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")}
+    memory_kind_text = (
+        "CUDA max allocated during the training timing, above what was allocated before the model was built"
+        if kinds and all(str(k).startswith("cuda") for k in kinds)
+        else "process resident-set peak during the training timing, above the resident set before the model "
+        "was built (" + ("each architecture in its own Ray trial process" if mode.lower().startswith("ray") else
+                         "all architectures in one process: the peak is reset per architecture and freed memory "
+                         "returned to the OS first, but allocator caches are shared") + ")"
+    )  # fmt: skip
+    report: dict[str, Any] = {
+        "command": command,
+        "mode": mode,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": env,
+        "settings": settings.to_dict(),
+        "settings_text": settings.budget_text(),
+        "device_notes": device_notes,
+        "memory_kind_text": memory_kind_text,
+        "cache": cache.uri,
+        "image_size_px": cfg.preprocess.image_size_px,
+        "channels": list(cfg.preprocess.channels),
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "n_val_positive": int(sum(1 for i in val_ids if labels.get(i))),
+        "config": cfg.to_dict(),
+        "results": [dict(r) for r in results],
+    }
+    files = {
+        "json": str(out / "benchmark.json"),
+        "csv": str(out / "benchmark.csv"),
+        "markdown": str(out / "benchmark.md"),
+        "quality_vs_throughput": str(out / "quality_vs_throughput.png"),
+        "cost_bars": str(out / "throughput_memory.png"),
+        "learning_curves": str(out / "learning_curves.png"),
+    }
+    report["files"] = files
+    plot_quality_vs_throughput(report, Path(files["quality_vs_throughput"]))
+    plot_cost_bars(report, Path(files["cost_bars"]))
+    plot_learning_curves(report, Path(files["learning_curves"]))
+    context = {
+        "image_size_px": report["image_size_px"],
+        "fold": settings.fold,
+        "budget": report["settings_text"],
+        "mode": mode,
+        "torch": env["versions"]["torch"],
+        "torchvision": env["versions"]["torchvision"],
+        "smp": env["versions"]["segmentation-models-pytorch"],
+        "command": command,
+    }
+    with open(files["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS) + list(context))
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**{k: _csv_value(r.get(k)) for k in RESULT_COLUMNS}, **context})
+    Path(files["json"]).write_text(json.dumps(_json_clean(report), indent=2, default=str) + "\n")
+    Path(files["markdown"]).write_text(_markdown(report))
+    return report
+
+
+__all__ = [
+    "ArchSpec",
+    "BenchmarkSettings",
+    "OTHER_DECODERS",
+    "PAPER_SET",
+    "PRESETS",
+    "RESULT_COLUMNS",
+    "arch_config",
+    "benchmark_architecture",
+    "check_cache",
+    "count_flops",
+    "environment",
+    "measure_rate",
+    "parse_archs",
+    "print_table",
+    "run_local",
+    "table_rows",
+    "train_for_budget",
+    "write_report",
+]

@@ -1,0 +1,503 @@
+"""Export a run's fold models for serving (ONNX, TorchScript), and predicted masks as DICOM SEG.
+
+Exported graph (one fold, or the ensemble of every fold of the run):
+- input `image`: uint8 (B, C, S, S), the channel stack `ptxray.preprocess.channels_from_config`
+  makes for the run's `preprocess` settings (S = `preprocess.image_size_px`; B is dynamic). The
+  graph divides by 255 itself, exactly what the engine does to uint8 batches, so a server feeds
+  the preprocessed bytes as they are (the TorchScript module also accepts float32 in 0..255).
+- outputs `mask_prob` float32 (B, 1, S, S) and `ptx_prob` float32 (B,): probabilities, the mean of
+  the sigmoids over the folds (and over the horizontal flip with `tta_flip`), the same averaging
+  prediction uses. Thresholds and the empty-mask decision stay with the caller.
+A manifest (`<model file>.json`) beside the model says all of the above in machine-readable form.
+
+Every export is checked before it is written: the exported model is run (onnxruntime on CPU, or
+the reloaded TorchScript module) on a random batch of a different batch size than the export
+example, and on a real DICOM preprocessed like training did, and must match PyTorch within `atol`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ptxray import __version__, storage
+from ptxray.dicom import DicomError
+from ptxray.runs import FoldEnsemble
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("mask_prob", "ptx_prob")
+DEFAULT_OPSET = 18  # onnxruntime >= 1.14 and most serving runtimes run opset 18
+DEFAULT_ATOL = 1e-4  # on probabilities; float32 re-ordering differences are ~1e-6
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported, or an export whose outputs do not match PyTorch's."""
+
+
+# ---- the exported module --------------------------------------------------------------------
+# ---- export ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportResult:
+    path: str  # the model file (local path or s3:// URI)
+    manifest_path: str  # <path>.json
+    format: str
+    folds: tuple[int, ...]
+    tta_flip: bool
+    max_abs_diff_random: float  # exported vs PyTorch, on a random uint8 batch
+    max_abs_diff_real: float | None  # ... on a real DICOM (None when none was found)
+    real_image: str | None
+    atol: float
+    seconds: float
+    manifest: dict[str, Any]
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause's first line: torch's exporter wraps the useful message in pages of advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _same_model_settings(cfgs: list[Any], run_dir: str, folds: list[int]) -> None:
+    # One graph holds every fold: they must take the same input and be the same kind of model.
+    first = cfgs[0]
+    for fold, cfg in zip(folds[1:], cfgs[1:]):
+        for section in ("preprocess", "model"):
+            a = dataclasses.asdict(getattr(first, section))
+            b = dataclasses.asdict(getattr(cfg, section))
+            diff = sorted(k for k in a if a[k] != b.get(k))
+            if diff:
+                raise ExportError(
+                    f"{run_dir}: fold {fold} differs from fold {folds[0]} in {section}."
+                    f"{', '.join(diff)}; export the folds one at a time (--fold)"
+                )
+
+
+def _first_dicom(root: str) -> str | None:
+    """The first *.dcm (in sorted order) under a local folder or s3:// prefix; None if there is none."""
+    if not root:
+        return None
+    try:
+        if not storage.is_uri(root):
+            for folder, dirs, files in os.walk(Path(root).expanduser()):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(".dcm"):
+                        return str(Path(folder) / name)
+            return None
+        from pyarrow import fs as pafs
+
+        filesystem, path = storage.filesystem_and_path(root)
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(".dcm"))
+        return f"{root.split('://', 1)[0]}://{found[0]}" if found else None
+    except OSError as e:
+        logger.warning("cannot list %s for a check image (%s)", root, e)
+        return None
+
+
+def _real_batch(check_dicom: str, cfg: Any) -> np.ndarray:
+    """uint8 (1, C, S, S): one real DICOM through the run's own preprocessing."""
+    from ptxray.dicom import read_dicom
+    from ptxray.preprocess import channels_from_config
+
+    with storage.open_input_stream(check_dicom) as f:
+        scan = read_dicom(f.read(), check_dicom)
+    return channels_from_config(scan.image, cfg.preprocess)[None]
+
+
+def _max_abs_diff(got: list[np.ndarray], want: tuple[Tensor, Tensor]) -> float:
+    diffs = []
+    for name, g, w in zip(OUTPUT_NAMES, got, want):
+        w = w.detach().cpu().numpy()
+        if g.shape != w.shape:
+            raise ExportError(f"exported output {name} has shape {g.shape}, PyTorch's has {w.shape}")
+        diffs.append(float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) if g.size else 0.0)
+    return max(diffs)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's passes log every rewrite at INFO; under the CLI's INFO logging that is noise."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_onnx(module: FoldEnsemble, example: Tensor, path: Path, opset: int, arch: str):
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not ours to act on
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+            )
+            program.save(str(path), external_data=False)
+    except Exception as e:  # torch.export / onnxscript raise many types; all mean "this arch does not export"
+        raise ExportError(f"model.arch={arch}: cannot be exported to ONNX (opset {opset}): {_reason(e)}") from e
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"model.arch={arch}: the exported ONNX graph fails onnx.checker: {_reason(e)}") from e
+    # When converting to the requested opset fails, the exporter only logs it and saves its own
+    # opset: a runtime pinned to `opset` would then refuse the file, so that is an error here.
+    saved = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}.get("", None)
+    if saved != opset:
+        raise ExportError(
+            f"model.arch={arch}: cannot be exported to ONNX (opset {opset}): the exporter could not convert "
+            f"the graph to opset {opset} and wrote opset {saved} (the exporter's own); choose another --opset"
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+
+
+def _export_torchscript(module: FoldEnsemble, example: Tensor, path: Path, arch: str):
+    try:
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.export, but TorchScript is what many
+            # serving stacks (TorchServe, libtorch C++) still load; and shape-check TracerWarnings
+            # are expected (input sizes are fixed by the manifest).
+            warnings.simplefilter("ignore")
+            # Trace, not script: the models' Python (smp's, timm's) is not TorchScript-compatible.
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+            torch.jit.save(traced, str(path))
+            loaded = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise ExportError(f"model.arch={arch}: cannot be exported to TorchScript: {_reason(e)}") from e
+    loaded.eval()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in loaded(torch.from_numpy(batch))]
+
+    return run
+
+
+def default_export_name(fmt: str, fold: int | None, tta_flip: bool = False) -> str:
+    """`ensemble.onnx`, `fold2-flip.torchscript.pt`, ... (what the CLI writes under <run>/export/)."""
+    stem = ("ensemble" if fold is None else f"fold{fold}") + ("-flip" if tta_flip else "")
+    return f"{stem}.onnx" if fmt == "onnx" else f"{stem}.torchscript.pt"
+
+
+def export_run(
+    run_dir: str,
+    out: str,
+    *,
+    fmt: str = "onnx",
+    fold: int | None = None,
+    tta_flip: bool = False,
+    opset: int = DEFAULT_OPSET,
+    which: str = "best",
+    check_dicom: str | None = None,
+    atol: float = DEFAULT_ATOL,
+    seed: int = 0,
+) -> ExportResult:
+    """Export one fold (`fold`) or the ensemble of every fold (`fold=None`) of a finished run.
+
+    `out` is the model file, local or s3://; the manifest goes to `out + ".json"`. `check_dicom`
+    is a real DICOM for the check (default: the first *.dcm under the run's `data.images`; without
+    one only the random batch is checked, and the manifest says so). Raises ExportError when the
+    run cannot be exported or the exported outputs differ from PyTorch's by more than `atol`.
+    """
+    from ptxray.runs import load_fold_model, open_run
+
+    start = time.perf_counter()
+    if fmt not in FORMATS:
+        raise ExportError(f"export format {fmt!r}: choose from {list(FORMATS)}")
+    run = open_run(run_dir)
+    refs = list(run.folds)
+    if fold is not None:
+        refs = [r for r in refs if r.fold == fold]
+        if not refs:
+            raise ExportError(f"{run.run_dir}: no fold {fold}; the run has folds {run.fold_ids}")
+    loaded = [load_fold_model(r, which) for r in refs]
+    models, cfgs = [m for m, _ in loaded], [c for _, c in loaded]
+    folds = [r.fold for r in refs]
+    _same_model_settings(cfgs, run.run_dir, folds)
+    cfg = cfgs[0]
+    arch = cfg.model.arch + (f"({cfg.model.encoder})" if cfg.model.arch != "unet_vanilla" else "")
+    channels, size_px = cfg.model.in_channels, cfg.preprocess.image_size_px
+    module = FoldEnsemble(models, tta_flip=tta_flip)
+
+    rng = np.random.default_rng(seed)
+    example = torch.from_numpy(rng.integers(0, 256, (2, channels, size_px, size_px), dtype=np.uint8))
+    # A different batch size than the example's: proves the batch axis is really dynamic.
+    random_batch = rng.integers(0, 256, (3, channels, size_px, size_px), dtype=np.uint8)
+    real_image, real_batch = check_dicom, None
+    if check_dicom:
+        real_batch = _real_batch(check_dicom, cfg)
+    else:
+        real_image = _first_dicom(cfg.data.images)
+        try:
+            real_batch = _real_batch(real_image, cfg) if real_image else None
+        except (DicomError, OSError) as e:  # a found file that is bad must not stop the export
+            logger.warning("skipping the real-image check: %s", e)
+            real_image = None
+    if real_batch is None:
+        logger.warning("no real DICOM to check on (pass check_dicom / --check-dicom); random batch only")
+
+    with tempfile.TemporaryDirectory(prefix="ptxray-export-") as tmp:
+        local = Path(tmp) / Path(out.split("://", 1)[-1]).name
+        with torch.no_grad():
+            want_random = module(torch.from_numpy(random_batch))
+            want_real = module(torch.from_numpy(real_batch)) if real_batch is not None else None
+        if fmt == "onnx":
+            run_exported = _export_onnx(module, example, local, opset, arch)
+        else:
+            run_exported = _export_torchscript(module, example, local, arch)
+        diff_random = _max_abs_diff(run_exported(random_batch), want_random)
+        diff_real = _max_abs_diff(run_exported(real_batch), want_real) if real_batch is not None else None
+        worst = max(diff_random, diff_real or 0.0)
+        if not worst <= atol:  # also catches NaN
+            raise ExportError(
+                f"model.arch={arch}: the exported {fmt} model differs from PyTorch by {worst:.3g} "
+                f"(random batch {diff_random:.3g}, real image {diff_real}); tolerance {atol:g}"
+            )
+        manifest = _manifest(
+            run, refs, cfg, fmt=fmt, file_name=local.name, tta_flip=tta_flip, opset=opset, which=which,
+            atol=atol, diff_random=diff_random, diff_real=diff_real, real_image=real_image,
+        )
+        manifest_path = out + ".json"
+        storage.write_bytes_atomic(out, local.read_bytes())
+        storage.write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    seconds = time.perf_counter() - start
+    logger.info(
+        "exported %s folds %s (%s) to %s: max |diff| %.2g random, %s real, in %.1f s",
+        fmt, folds, arch, out, diff_random, "n/a" if diff_real is None else f"{diff_real:.2g}", seconds,
+    )
+    return ExportResult(
+        path=out, manifest_path=manifest_path, format=fmt, folds=tuple(folds), tta_flip=tta_flip,
+        max_abs_diff_random=diff_random, max_abs_diff_real=diff_real, real_image=real_image, atol=atol,
+        seconds=seconds, manifest=manifest,
+    )
+
+
+def _manifest(run, refs, cfg, *, fmt, file_name, tta_flip, opset, which, atol, diff_random, diff_real, real_image):
+    size, channels = cfg.preprocess.image_size_px, cfg.model.in_channels
+    manifest: dict[str, Any] = {
+        "file": file_name,
+        "format": fmt,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", channels, size, size],
+            "dtype": "uint8",
+            "description": "the channel stack of ptxray.preprocess.channels_from_config(image, preprocessing)",
+        },
+        "preprocessing": cfg.to_dict()["preprocess"],
+        "normalisation": "inside the graph: float32(image) / 255 (no mean/std), as ptxray.engine does",
+        "outputs": [
+            {"name": OUTPUT_NAMES[0], "shape": ["batch", 1, size, size], "dtype": "float32",
+             "description": "pneumothorax probability per pixel"},
+            {"name": OUTPUT_NAMES[1], "shape": ["batch"], "dtype": "float32",
+             "description": "pneumothorax probability per image (classification head)"},
+        ],
+        "ensemble": "mean of sigmoid probabilities over folds" + (" and horizontal flip" if tta_flip else ""),
+        "tta_flip": tta_flip,
+        "folds": [r.fold for r in refs],
+        "checkpoints": [r.best if which == "best" else r.last for r in refs],
+        "run_dir": run.run_dir,
+        "run_kind": run.kind,
+        "model": cfg.to_dict()["model"],
+        "check": {
+            "atol": atol,
+            "max_abs_diff_random": diff_random,
+            "max_abs_diff_real": diff_real,
+            "real_image": real_image,
+            "runtime": "onnxruntime CPUExecutionProvider" if fmt == "onnx" else "torch.jit.load",
+        },
+        "ptxray_version": __version__,
+        "torch_version": torch.__version__,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        manifest["onnx_opset"] = opset
+        manifest["onnx_version"] = onnx.__version__
+        manifest["onnxruntime_version"] = onnxruntime.__version__
+    return manifest
+
+
+# ---- DICOM Segmentation ---------------------------------------------------------------------
+# DICOM Type 2 attributes of the Patient and General Study modules: they must be present but may
+# be empty. highdicom copies them from the source and fails on an absent one; anonymised exports
+# (SIIM's among them: no birth date value) often drop or blank them, so a missing one becomes empty.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+# Pneumothorax in CIELab (approximately sRGB red), so viewers draw it in a colour that stands out.
+_DISPLAY_LAB = (53.2, 80.1, 67.2)
+
+
+def _binary_mask(mask: np.ndarray, where: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"{where}: mask must be a non-empty (H, W) array, got shape {mask.shape}")
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: mask dtype {mask.dtype} is not boolean or numeric")
+    if mask.dtype.kind == "f" and not np.isin(mask, (0.0, 1.0)).all():
+        raise ValueError(f"{where}: mask holds probabilities, not 0/1; threshold it before writing a BINARY SEG")
+    return mask != 0  # (H, W) bool
+
+
+def write_dicom_seg(
+    source_dicom_bytes: bytes,
+    mask: np.ndarray,
+    out_path_or_uri: str,
+    *,
+    source_path: str = "",
+    algorithm_name: str = "ptxray",
+    algorithm_version: str = __version__,
+    algorithm_parameters: dict[str, str] | None = None,
+    series_number: int = 9001,
+    series_description: str = "ptxray pneumothorax segmentation",
+) -> None:
+    """Write a DICOM Segmentation (BINARY, one segment "Pneumothorax") of `mask` over the source image.
+
+    - `mask`: (H, W) bool or 0/1 (any non-zero counts) at any size: it is resized to the source's
+      Rows x Columns with nearest-neighbour sampling when needed (predictions are made at
+      `preprocess.image_size_px`), so it lines up with the source pixel grid in a viewer.
+    - The SEG joins the source's study (same Study Instance UID and patient), in a new series, and
+      references the source image (ReferencedSeriesSequence, SourceImageSequence).
+    - An empty mask is written too, as a valid SEG whose one frame is all zero: "the algorithm
+      looked and found nothing" is a result a reader should see, not a missing file.
+    - Bad source bytes raise DicomError naming `source_path`; so does a source that lacks the
+      UIDs a reference needs.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from ptxray.dicom import read_dicom
+
+    where = source_path or "<source bytes>"
+    # Decoding validates the file the way the data pipeline does (truncation, colour, multi-frame).
+    read_dicom(source_dicom_bytes, source_path)
+    try:
+        source = pydicom.dcmread(io.BytesIO(bytes(source_dicom_bytes)), stop_before_pixels=True)
+    except Exception as e:  # read_dicom accepted it, so this is very unlikely
+        raise DicomError(source_path, f"cannot parse the header ({type(e).__name__}: {e})") from e
+    _complete_source_header(source, source_path)
+
+    rows, columns = int(source.Rows), int(source.Columns)
+    binary = _binary_mask(mask, where)
+    if binary.shape != (rows, columns):
+        import cv2
+
+        logger.debug("%s: mask %s resized to the source's %dx%d (nearest)", where, binary.shape, rows, columns)
+        binary = cv2.resize(binary.view(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST) > 0
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm_version,
+        parameters=algorithm_parameters or None,
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Pneumothorax",
+        # CID 7150 category / CID 7151-family type, SNOMED CT: 49755003 / 36118008.
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Pneumothorax,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor(*_DISPLAY_LAB),
+    )
+    with warnings.catch_warnings():
+        # SIIM's PatientName is a bare UUID, which highdicom flags as an unusual person name.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        try:
+            seg = hd.seg.Segmentation(
+                source_images=[source],
+                pixel_array=binary[None],  # (1, Rows, Columns): one frame
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[segment],
+                series_instance_uid=hd.UID(),
+                series_number=series_number,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="ptxray",
+                manufacturer_model_name=algorithm_name,
+                software_versions=algorithm_version,
+                device_serial_number="none",
+                series_description=series_description,
+                content_label="PNEUMOTHORAX",
+                content_description="Pneumothorax predicted by ptxray",
+                omit_empty_frames=False,  # keep the (possibly all-zero) frame: see the docstring
+            )
+        except (ValueError, TypeError, AttributeError) as e:
+            raise DicomError(source_path, f"cannot build a DICOM SEG over this image ({type(e).__name__}: {e})") from e
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    storage.write_bytes_atomic(out_path_or_uri, buffer.getvalue())
+
+
+def _complete_source_header(ds: Any, source_path: str) -> None:
+    """Fill in what highdicom needs and minimal exports may lack, on our in-memory copy only."""
+    meta = getattr(ds, "file_meta", None)
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if not str(ds.get(keyword) or "").strip() and meta is not None and meta.get(meta_keyword):
+            setattr(ds, keyword, meta.get(meta_keyword))
+    # These place the SEG next to its source; made-up values would put it in another study.
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not str(ds.get(k) or "").strip()]
+    if missing:
+        raise DicomError(source_path, f"cannot reference the source image in a SEG: no {', '.join(missing)}")
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if not str(ds.get("Modality") or "").strip():
+        ds.Modality = "OT"  # "other": the source's modality is unknown; the SEG's own is "SEG"
+
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_OPSET",
+    "ExportError",
+    "ExportResult",
+    "FORMATS",
+    "FoldEnsemble",
+    "OUTPUT_NAMES",
+    "SEGMENTATION_STORAGE",
+    "default_export_name",
+    "export_run",
+    "write_dicom_seg",
+]

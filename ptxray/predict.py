@@ -1,0 +1,555 @@
+"""Turn a run's fold models into answers: `ptxray predict`, and the out-of-fold predictions.
+
+Prediction (`run_predict`): every DICOM is read and preprocessed exactly as the cache did it
+(`read_dicom`, then the run's channel stack at `preprocess.image_size_px`), the fold models of the
+best configuration are ensembled (mean of probabilities) with a horizontal-flip TTA, the decision
+rule of `ptxray.postprocess` (thresholds from the run's `thresholds.json`, else defaults) decides
+empty or not at the training size, and a kept mask is the probability map resized bilinearly to
+the image's own size and binarised there. Outputs under `--out` (folder or s3://):
+
+    submission.csv     ImageId,EncodedPixels (SIIM relative RLE, -1 for empty), one row per image
+    probabilities.csv  ImageId,path,pneumothorax_probability (classification head),
+                       max_pixel_probability, mask_area_px, non_empty
+    errors.csv         path,reason for every input that could not be predicted (no other row)
+    masks/<ImageId>.png, overlays/<ImageId>.png, seg/<ImageId>.dcm (--dicom-seg, non-empty only)
+    predict.json       counts, thresholds used and where they came from, timings
+
+`Predictor` does one batch (decode -> ensemble -> rule -> write PNGs -> light rows); the local path
+calls it in a loop, the Ray path hands the same class to `map_batches` as an actor pool (one per GPU
+when the cluster has GPUs), so both paths produce the same rows.
+
+Out-of-fold (`load_or_compute_oof`): each fold model predicts its own validation split from the
+run's Parquet cache (same TTA), reduced to the per-image histograms `postprocess.OofStats` keeps;
+stored once as `<run>/oof/oof.npz` and reused by `ptxray thresholds` and `ptxray evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ptxray import storage
+from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest, table_to_arrays
+from ptxray.config import PreprocessConfig
+from ptxray.dicom import DicomError, Scan
+from ptxray.masks import encode_rle
+from ptxray.postprocess import (
+    OOF_FILE,
+    THRESHOLDS_FILE,
+    OofStats,
+    SearchResult,
+    Thresholds,
+    default_thresholds,
+    first_level_above,
+    load_thresholds,
+    quantize,
+    save_search,
+    search_thresholds,
+    stats_from_probs,
+)
+from ptxray.preprocess import channels_from_config
+from ptxray.runs import FoldEnsemble, Run, RunError, load_fold_model, open_run
+
+log = logging.getLogger("ptxray")
+
+PRED_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("image_id", pa.string()),
+        ("error", pa.string()),  # null when predicted; the reason otherwise
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("pneumothorax_probability", pa.float32()),
+        ("max_pixel_probability", pa.float32()),
+        ("mask_area_px", pa.int64()),
+        ("rle", pa.string()),
+        ("seg_error", pa.string()),  # --dicom-seg: why this image's SEG could not be written
+    ]
+)
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The ensemble
+
+
+class Ensemble:
+    """Fold models averaged in probability space, each with a horizontal-flip TTA: numpy in and
+    out, on a device, around `ptxray.runs.FoldEnsemble` (the module export writes out)."""
+
+    def __init__(self, models: Sequence[nn.Module], device: str | torch.device | None = None, *, tta: bool = True, amp: bool = False):
+        if not models:
+            raise ValueError("Ensemble: no models")
+        self.device = torch.device(device or default_device())
+        self.module = FoldEnsemble(list(models), tta_flip=tta).to(self.device)
+        self.tta = tta
+        self.amp = amp and self.device.type == "cuda"
+
+    @classmethod
+    def from_run(cls, run: Run, device: str | torch.device | None = None, *, tta: bool = True) -> "Ensemble":
+        models = [load_fold_model(ref)[0] for ref in run.folds]
+        return cls(models, device, tta=tta, amp=run.config.compute.amp)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, C, S, S) -> (pixel probabilities float32 (B, S, S), classification prob float32 (B,))."""
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"Ensemble.predict: expected uint8 (B, C, S, S), got {images.dtype} {images.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)  # (B, C, S, S) uint8
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            mask_prob, cls_prob = self.module(x)  # (B, 1, S, S), (B,)
+        return mask_prob[:, 0].float().cpu().numpy(), cls_prob.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"encode_png: OpenCV could not encode an array of shape {image.shape}")
+    return buf.tobytes()
+
+
+def overlay(image: np.ndarray, pred: np.ndarray | None, true: np.ndarray | None = None) -> np.ndarray:
+    """A grey radiograph (H, W) uint8 with the predicted mask tinted red and outlined, the true mask
+    outlined green: BGR uint8 (H, W, 3)."""
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    thickness = max(1, image.shape[0] // 256)
+    if pred is not None and pred.any():
+        sel = pred.astype(bool)
+        out[sel] = (0.6 * out[sel] + 0.4 * np.array([0, 0, 255])).astype(np.uint8)
+        contours, _ = cv2.findContours(sel.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (0, 0, 255), thickness)
+    if true is not None and true.any():
+        contours, _ = cv2.findContours((true != 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (0, 200, 0), thickness)
+    return out
+
+
+def full_size_mask(prob_u8: np.ndarray, keep: bool, th: Thresholds, height: int, width: int) -> np.ndarray:
+    """A kept image's mask at its own size: the (S, S) uint8 levels resized bilinearly, then binarised."""
+    if not keep:
+        return np.zeros((height, width), bool)
+    if prob_u8.shape != (height, width):
+        prob_u8 = cv2.resize(prob_u8, (width, height), interpolation=cv2.INTER_LINEAR)
+    return prob_u8 >= first_level_above(th.bin_threshold)
+
+
+def preprocess_dicom(data: bytes, path: str, pre: PreprocessConfig) -> tuple[Scan, np.ndarray]:
+    """What the cache stores for a DICOM: (Scan, uint8 (C, S, S) channel stack). DicomError names the file."""
+    scan = read_for_training(data, path, pre)
+    try:
+        return scan, channels_from_config(scan.image, pre)
+    except ValueError as e:
+        raise DicomError(path, f"cannot preprocess ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch
+
+
+class Predictor:
+    """Callable on a batch of DICOM files (pyarrow table with `bytes`, `path`): a table of PRED_SCHEMA.
+
+    Writes the mask and overlay PNGs (and DICOM SEGs) of its images itself, so a Ray actor pool
+    spreads the encoding and uploading too; the driver only gathers the light rows.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        out: str,
+        thresholds: dict[str, Any],
+        *,
+        device: str | None = None,
+        tta: bool = True,
+        write_images: bool = True,
+        dicom_seg: bool = False,
+        display_prefix: str = "",
+    ):
+        run = open_run(run_dir)
+        self.pre = run.config.preprocess
+        self.ensemble = Ensemble.from_run(run, device, tta=tta)
+        self.th = Thresholds.from_dict(thresholds)
+        self.out = out
+        self.write_images = write_images
+        self.display_prefix = display_prefix
+        self.write_seg = None
+        if dicom_seg:
+            try:
+                from ptxray.export import write_dicom_seg
+            except ImportError as e:
+                raise ValueError(f"--dicom-seg needs ptxray.export.write_dicom_seg ({e})") from None
+            self.write_seg = write_dicom_seg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        good: list[tuple[int, bytes, Scan, np.ndarray]] = []
+        for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+            path = self.display_prefix + path
+            try:
+                scan, stack = preprocess_dicom(data, path, self.pre)
+            except DicomError as e:
+                rows.append({"path": path, "error": str(e)})
+                continue
+            rows.append({})
+            good.append((len(rows) - 1, data, scan, stack))
+        if good:
+            prob, cls_prob = self.ensemble.predict(np.stack([g[3] for g in good]))  # (B, S, S), (B,)
+            prob_u8 = quantize(prob)
+            keep = self.th.keep(prob_u8, cls_prob)
+            for j, (i, data, scan, _) in enumerate(good):
+                rows[i] = self._finish(scan, data, prob_u8[j], bool(keep[j]), float(cls_prob[j]))
+        return pa.Table.from_pylist([{n: r.get(n) for n in PRED_SCHEMA.names} for r in rows], schema=PRED_SCHEMA)
+
+    def _finish(self, scan: Scan, data: bytes, prob_u8: np.ndarray, keep: bool, cls_prob: float) -> dict[str, Any]:
+        h, w = scan.rows, scan.columns  # the stored size (scan.image may be a reduced-scale decode)
+        mask = full_size_mask(prob_u8, keep, self.th, h, w)  # bool (H, W)
+        if self.write_images:
+            storage.write_bytes_atomic(_join(self.out, "masks", f"{scan.image_id}.png"), encode_png(mask.astype(np.uint8) * 255))
+            # The radiograph was decoded at a reduced DCT scale when the model is small: scale it
+            # back up to the stored size so the overlay lines up with the full-size mask.
+            image = scan.image if scan.image.shape == (h, w) else cv2.resize(scan.image, (w, h), interpolation=cv2.INTER_LINEAR)
+            storage.write_bytes_atomic(_join(self.out, "overlays", f"{scan.image_id}.png"), encode_png(overlay(image, mask)))
+        seg_error = None
+        if self.write_seg is not None and mask.any():
+            params = {k: str(v) for k, v in self.th.to_dict().items() if k in ("rule", "top_score", "min_area_px", "bin_threshold", "cls_threshold")}
+            try:
+                self.write_seg(
+                    data, mask.astype(np.uint8), _join(self.out, "seg", f"{scan.image_id}.dcm"),
+                    source_path=scan.path, algorithm_parameters=params,
+                )
+            except DicomError as e:  # a source the SEG cannot reference: the prediction itself stands
+                seg_error = str(e)
+        return {
+            "seg_error": seg_error,
+            "path": scan.path,
+            "image_id": scan.image_id,
+            "height": h,
+            "width": w,
+            "pneumothorax_probability": cls_prob,
+            "max_pixel_probability": float(prob_u8.max()) / 255.0,
+            "mask_area_px": int(mask.sum()),
+            "rle": encode_rle(mask, "siim"),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run_thresholds(run: Run, rule: str = "chosen", thresholds: Thresholds | None = None) -> Thresholds:
+    """Explicit thresholds, else the run's stored ones, else the defaults (logged)."""
+    size = run.config.preprocess.image_size_px
+    if thresholds is None:
+        uri = _join(run.run_dir, THRESHOLDS_FILE)
+        thresholds = load_thresholds(uri, rule)
+        if thresholds is not None:
+            with storage.open_input_stream(uri) as f:
+                searched_on = json.loads(f.read()).get("oof", {}).get("checkpoints")
+            if searched_on is not None and searched_on != {str(r.fold): r.best for r in run.folds}:
+                log.warning("%s was searched on other fold checkpoints than the run's; rerun `ptxray thresholds --run %s`", uri, run.run_dir)
+    if thresholds is None:
+        thresholds = default_thresholds(size)
+        log.warning("%s has no %s: using %s; run `ptxray thresholds --run %s` first", run.run_dir, THRESHOLDS_FILE, thresholds.source, run.run_dir)
+    if thresholds.size_px != size:
+        raise ValueError(f"thresholds counted at {thresholds.size_px} px, but the run's models work at {size} px")
+    return thresholds
+
+
+def run_predict(
+    run_dir: str,
+    images: str,
+    out: str,
+    *,
+    local: bool = True,
+    thresholds: Thresholds | None = None,
+    rule: str = "chosen",
+    batch_size: int = 8,
+    workers: int = 0,
+    device: str | None = None,
+    tta: bool = True,
+    write_images: bool = True,
+    dicom_seg: bool = False,
+    address: str = "",
+) -> dict[str, Any]:
+    """Predict every DICOM under `images` (folder, file or s3:// prefix); returns the summary (also predict.json)."""
+    t0 = time.perf_counter()
+    run = open_run(run_dir)
+    th = run_thresholds(run, rule, thresholds)
+    fs, paths, _ = list_dicoms(images)
+    kwargs = dict(
+        run_dir=run.run_dir,
+        out=out,
+        thresholds=th.to_dict(),
+        device=device,
+        tta=tta,
+        write_images=write_images,
+        dicom_seg=dicom_seg,
+        display_prefix="s3://" if str(images).startswith(("s3://", "s3a://")) else "",
+    )
+    if local:
+        tables = _predict_local(fs, paths, kwargs, batch_size)
+    else:
+        tables = _predict_ray(fs, paths, kwargs, batch_size, workers, device, address)
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    summary = write_outputs(rows, out)
+    if dicom_seg:
+        summary["files"]["seg"] = _join(out, "seg")
+    summary.update(
+        run=run.run_dir,
+        folds=run.fold_ids,
+        images=images,
+        out=out,
+        thresholds=th.to_dict(),
+        tta=tta,
+        mode="local" if local else "ray",
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    storage.write_bytes_atomic(_join(out, "predict.json"), json.dumps(summary, indent=2, default=str).encode())
+    return summary
+
+
+def _predict_local(fs, paths: Sequence[str], kwargs: dict[str, Any], batch_size: int) -> list[pa.Table]:
+    predictor = Predictor(**kwargs)
+    prefix = kwargs["display_prefix"]
+    tables = []
+    for start in range(0, len(paths), batch_size):
+        chunk, blobs, unread = [], [], []
+        for p in paths[start : start + batch_size]:
+            try:
+                with fs.open_input_file(p) as f:
+                    blobs.append(f.read())
+                chunk.append(p)
+            except OSError as e:
+                unread.append({"path": prefix + p, "error": f"{prefix + p}: cannot read ({e})"})
+        if unread:
+            tables.append(pa.Table.from_pylist([{n: r.get(n) for n in PRED_SCHEMA.names} for r in unread], schema=PRED_SCHEMA))
+        if chunk:
+            tables.append(predictor(pa.table({"bytes": pa.array(blobs, pa.binary()), "path": pa.array(chunk, pa.string())})))
+    return tables
+
+
+def _predict_ray(fs, paths: Sequence[str], kwargs: dict[str, Any], batch_size: int, workers: int, device: str | None, address: str) -> list[pa.Table]:
+    import ray
+
+    from ptxray.ray_data import ray_session
+
+    if not paths:
+        return []
+    with ray_session(address):
+        resources = ray.cluster_resources()
+        use_gpu = resources.get("GPU", 0) >= 1 and device != "cpu"
+        if use_gpu:
+            pool = workers or int(resources["GPU"])
+        else:
+            # One CPU stays free for the read tasks that feed the actors.
+            pool = workers or max(1, min(4, int(resources.get("CPU", 1)) - 1))
+        ds = ray.data.read_binary_files(list(paths), filesystem=fs, include_paths=True)
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs=dict(kwargs, device="cuda" if use_gpu else "cpu"),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_gpus=1 if use_gpu else 0,
+        )
+        return [ray.get(ref) for ref in ds.to_arrow_refs()]
+
+
+def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
+    """submission.csv, probabilities.csv, errors.csv from the gathered rows; a repeated ImageId is an error."""
+    rows = sorted(rows, key=lambda r: r["path"] or "")
+    seen: dict[str, str] = {}
+    good, errors = [], []
+    for r in rows:
+        if r["error"]:
+            errors.append((r["path"], r["error"]))
+        elif r["image_id"] in seen:
+            errors.append((r["path"], f"{r['path']}: duplicate SOPInstanceUID {r['image_id']} (first in {seen[r['image_id']]})"))
+        else:
+            seen[r["image_id"]] = r["path"]
+            good.append(r)
+
+    def csv_bytes(header: Sequence[str], records: Sequence[Sequence[Any]]) -> bytes:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(records)
+        return buf.getvalue().encode()
+
+    files = {
+        "submission": _join(out, "submission.csv"),
+        "probabilities": _join(out, "probabilities.csv"),
+        "errors": _join(out, "errors.csv"),
+    }
+    storage.write_bytes_atomic(files["submission"], csv_bytes(["ImageId", "EncodedPixels"], [(r["image_id"], r["rle"]) for r in good]))
+    storage.write_bytes_atomic(
+        files["probabilities"],
+        csv_bytes(
+            ["ImageId", "path", "pneumothorax_probability", "max_pixel_probability", "mask_area_px", "non_empty"],
+            [
+                (r["image_id"], r["path"], f"{r['pneumothorax_probability']:.6f}", f"{r['max_pixel_probability']:.6f}",
+                 r["mask_area_px"], int(r["mask_area_px"] > 0))
+                for r in good
+            ],
+        ),
+    )
+    storage.write_bytes_atomic(files["errors"], csv_bytes(["path", "reason"], errors))
+    seg_errors = [{"path": r["path"], "reason": r["seg_error"]} for r in good if r.get("seg_error")]
+    return {
+        "seg_errors": seg_errors,
+        "listed": len(rows),
+        "predicted": len(good),
+        "non_empty": sum(1 for r in good if r["mask_area_px"] > 0),
+        "errors": len(errors),
+        "error_list": [{"path": p, "reason": e} for p, e in errors],
+        "files": dict(files, masks=_join(out, "masks"), overlays=_join(out, "overlays")),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-fold predictions
+
+
+def resolve_cache(run: Run, cache: str | None = None) -> Cache:
+    """The cache the run trained from: `cache` if given, else the run config's data.cache (its key
+    recomputed from data.images and data.labels, or the single complete cache under the root)."""
+    cfg = run.config
+    if cache:
+        found = Cache.open(cache)
+    elif cfg.data.cache:
+        found = None
+        if cfg.data.images and cfg.data.labels:
+            from ptxray.cache import cache_key
+
+            try:
+                _, _, listing = list_dicoms(cfg.data.images)
+                uri = _join(cfg.data.cache, cache_key(cfg, listing, labels_sha256(cfg.data.labels)))
+                manifest = read_manifest(uri)
+                found = Cache(uri, manifest) if manifest else None
+            except (FileNotFoundError, OSError) as e:
+                log.info("cannot recompute the cache key from data.images / data.labels (%s); looking under %s", e, cfg.data.cache)
+        found = found or Cache.open(cfg.data.cache)
+    else:
+        raise RunError(f"{run.run_dir}: the run's config names no data.cache; pass --cache (the cache it trained from)")
+    cached = (found.manifest.get("summary") or {}).get("preprocess")
+    if cached is not None and cached != cfg.to_dict()["preprocess"]:
+        raise CacheError(f"{found.uri}: preprocessed with {cached}, but the run was trained with {cfg.to_dict()['preprocess']}")
+    return found
+
+
+def iter_cache_arrays(cache: Cache, image_ids: Sequence[str], batch_rows: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """(images uint8 (B, C, S, S), masks uint8 (B, S, S), ids) for `image_ids`, streamed in one scan."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem_and_path(cache.data_uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    wanted = set(image_ids)
+    seen = 0
+    for rb in dataset.to_batches(
+        columns=["image_id", "channels", "size", "image", "mask"],
+        filter=pc.field("image_id").isin(list(wanted)) & pc.field("error").is_null(),
+        batch_size=batch_rows,
+    ):
+        if rb.num_rows:
+            seen += rb.num_rows
+            yield table_to_arrays(pa.Table.from_batches([rb]))
+    if seen != len(wanted):
+        raise CacheError(f"{cache.uri}: found {seen} of {len(wanted)} images of the split")
+
+
+def compute_oof(run: Run, cache: Cache, *, device: str | None = None, tta: bool = True, batch_size: int = 16) -> OofStats:
+    """Each fold model on its own validation split, reduced to `OofStats`."""
+    parts = []
+    for ref in run.folds:
+        model, cfg = load_fold_model(ref)
+        ensemble = Ensemble([model], device, tta=tta, amp=cfg.compute.amp)
+        _, val_ids = cache.split_ids(ref.fold)
+        n = 0
+        for images, masks, ids in iter_cache_arrays(cache, val_ids, batch_size):
+            prob, cls_prob = ensemble.predict(images)
+            parts.append(stats_from_probs(quantize(prob), masks, cls_prob, ids, ref.fold))
+            n += len(ids)
+        log.info("out-of-fold: fold %d predicted %d validation images", ref.fold, n)
+    meta = {
+        "run_dir": run.run_dir,
+        "cache": cache.uri,
+        "tta": tta,
+        "checkpoints": {str(r.fold): r.best for r in run.folds},
+        "created": time.time(),
+    }
+    return OofStats.concat(parts, meta)
+
+
+def load_or_compute_oof(
+    run: Run, cache: str | None = None, *, recompute: bool = False, device: str | None = None, tta: bool = True
+) -> tuple[OofStats, bool]:
+    """The run's stored OOF statistics when they match its fold checkpoints, else computed and stored.
+
+    Returns (stats, computed now)."""
+    uri = _join(run.run_dir, OOF_FILE)
+    if not recompute:
+        try:
+            stats = OofStats.load(uri)
+        except FileNotFoundError:
+            stats = None
+        if stats is not None:
+            if stats.meta.get("checkpoints") == {str(r.fold): r.best for r in run.folds} and stats.meta.get("tta") == tta:
+                return stats, False
+            log.info("%s was computed from other checkpoints or TTA; recomputing", uri)
+    stats = compute_oof(run, resolve_cache(run, cache), device=device, tta=tta)
+    stats.save(uri)
+    return stats, True
+
+
+def find_thresholds(run_dir: str, *, cache: str | None = None, recompute: bool = False, device: str | None = None) -> tuple[SearchResult, str, OofStats]:
+    """`ptxray thresholds`: search the OOF predictions and store `<run>/thresholds.json`."""
+    run = open_run(run_dir)
+    stats, _ = load_or_compute_oof(run, cache, recompute=recompute, device=device)
+    result = search_thresholds(stats)
+    uri = _join(run.run_dir, THRESHOLDS_FILE)
+    save_search(result, uri, extra={"oof": {"path": _join(run.run_dir, OOF_FILE), **stats.meta}})
+    return result, uri, stats
+
+
+__all__ = [
+    "Ensemble",
+    "PRED_SCHEMA",
+    "Predictor",
+    "compute_oof",
+    "default_device",
+    "encode_png",
+    "find_thresholds",
+    "full_size_mask",
+    "iter_cache_arrays",
+    "load_or_compute_oof",
+    "overlay",
+    "preprocess_dicom",
+    "resolve_cache",
+    "run_predict",
+    "run_thresholds",
+    "write_outputs",
+]

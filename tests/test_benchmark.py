@@ -1,0 +1,212 @@
+"""`ptxray benchmark`: a tiny real benchmark on CPU (two architectures, 64 px, a few steps) writes
+every output, and its numbers agree across the table, CSV, JSON and Markdown and with the models;
+the Ray Tune path runs once; `train.batch_size: auto` trains through the runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ptxray import benchmark
+from ptxray.benchmark import ArchSpec, BenchmarkSettings, arch_config, parse_archs
+from ptxray.cache import Cache
+from ptxray.cli import main
+from ptxray.config import load_config
+from ptxray.models import build_model
+
+TWO = "unet_vanilla,fcn:resnet18"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spinning against other processes are slower
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def cache64(ray_local, synth_dataset, tmp_path_factory):
+    from ptxray import ray_data
+
+    root = tmp_path_factory.mktemp("bench-cache")
+    summary = ray_data.prepare(
+        load_config("smoke"),  # 64 px, raw/clahe/beasf, 2 folds
+        images=str(synth_dataset / "dicom-images-train"),
+        labels=str(synth_dataset / "train-rle.csv"),
+        cache=str(root),
+    )
+    return summary["cache"]
+
+
+def test_parse_archs_presets_pairs_and_errors():
+    names = [s.name for s in parse_archs("paper")]
+    assert names == list(benchmark.PAPER_SET)
+    assert {"unet_vanilla", "unet_densenet121", "deeplabv3", "maskrcnn", "fcn"} <= set(names)
+    assert [s.name for s in parse_archs("all")][-6:] == list(benchmark.OTHER_DECODERS)
+    spec = parse_archs("fpn:resnet18, unet_resnet34,fpn:resnet18")
+    assert spec == [ArchSpec("fpn:resnet18", "fpn", "resnet18"), ArchSpec("unet_resnet34", "unet", "resnet34")]
+    with pytest.raises(ValueError, match="unknown architecture 'resunet'"):
+        parse_archs("unet_vanilla,resunet")
+    cfg = load_config("smoke")
+    chex = arch_config(cfg, ArchSpec("unet_densenet121", "unet", "densenet121"), chexnet="/w/model.pth.tar")
+    assert chex.model.encoder_weights == "chexnet:/w/model.pth.tar" and chex.model.arch == "unet"
+    assert arch_config(cfg, ArchSpec("fpn", "fpn"), chexnet="/w/model.pth.tar").model.encoder_weights == "none"
+    with pytest.raises(ValueError, match="exactly one of epochs"):
+        BenchmarkSettings(epochs=1, seconds=2.0)
+    with pytest.raises(ValueError, match="'auto' needs the batch-size search"):
+        BenchmarkSettings(epochs=1, batch_search=False)
+
+
+def _rows_from_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_local_benchmark_writes_every_output_and_they_agree(cache64, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--config", "smoke", "--cache", cache64, "--archs", TWO, "--epochs", "1", "--local",
+            "--out", str(out), "--batch-size", "auto", "--max-batch-size", "4", "--warmup-steps", "1",
+            "--timing-steps", "1", "--repeats", "2", "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+
+    files = {p.name for p in out.iterdir()}
+    assert files == {"benchmark.json", "benchmark.csv", "benchmark.md", "quality_vs_throughput.png",
+                     "throughput_memory.png", "learning_curves.png"}  # fmt: skip
+    for png in ("quality_vs_throughput.png", "throughput_memory.png", "learning_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    report = json.loads((out / "benchmark.json").read_text())
+    rows = report["results"]
+    assert [r["name"] for r in rows] == ["unet_vanilla", "fcn:resnet18"] and all(r["status"] == "ok" for r in rows)
+    assert report["command"] == "ptxray " + " ".join(args)
+    assert report["environment"]["device"] == "cpu" and report["environment"]["versions"]["torch"] == torch.__version__
+    assert report["settings"]["epochs"] == 1 and report["image_size_px"] == 64
+
+    # Parameter counts are those of the models the benchmark builds.
+    cfg = load_config("smoke")
+    for r, spec in zip(rows, parse_archs(TWO)):
+        model = build_model(arch_config(cfg, spec).model)
+        assert r["params_total"] == sum(p.numel() for p in model.parameters())
+        assert r["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert r["gflops_per_image"] > 0
+
+    # Quality on the real validation fold: the empty baseline is the fraction of empty masks there.
+    cache = Cache.open(cache64)
+    _, val_ids = cache.split_ids(0)
+    _, val_masks, _ = cache.load_arrays(val_ids)
+    empty_fraction = float(np.mean(~val_masks.reshape(len(val_masks), -1).any(1)))
+    for r in rows:
+        assert r["val_empty_dice"] == pytest.approx(empty_fraction)
+        assert r["val_n_images"] == len(val_ids) and 0.0 <= r["val_dice"] <= 1.0
+        assert r["max_batch_size"] == 4 and r["max_batch_limit"] == "cap" and r["batch_size"] == 4  # auto = the max
+        assert r["train_images_per_s_min"] <= r["train_images_per_s"] <= r["train_images_per_s_max"]
+        assert r["infer_images_per_s_min"] <= r["infer_images_per_s"] <= r["infer_images_per_s_max"]
+        assert len(r["train_images_per_s_repeats"]) == 2
+        assert r["peak_memory_kind"] == "cpu_rss_peak" and r["peak_memory_bytes"] > 0
+        assert len(r["history"]) == 1 and r["epochs_completed"] == 1.0
+        assert [a["batch_size"] for a in r["batch_search"]["attempts"]] == [2, 4]
+
+    # The CSV holds the same numbers, plus the device and versions on every row.
+    csv_rows = _rows_from_csv(out / "benchmark.csv")
+    assert [c["name"] for c in csv_rows] == [r["name"] for r in rows]
+    for c, r in zip(csv_rows, rows):
+        for key in ("params_trainable", "gflops_per_image", "max_batch_size", "train_images_per_s",
+                    "infer_images_per_s", "peak_memory_bytes", "val_dice", "val_iou", "val_empty_dice"):  # fmt: skip
+            assert float(c[key]) == pytest.approx(r[key], rel=1e-12), key
+        assert c["device"] == "cpu" and c["torch"] == torch.__version__ and c["image_size_px"] == "64"
+
+    # The Markdown report and the terminal show the same table cells, computed from these rows.
+    md = (out / "benchmark.md").read_text()
+    assert "Device" in md and "CPU run" in md and report["command"] in md
+    for png in ("quality_vs_throughput.png", "throughput_memory.png", "learning_curves.png"):
+        assert f"({png})" in md
+    for cells in benchmark.table_rows(rows):
+        assert "| " + " | ".join(cells) + " |" in md
+        for cell in (cells[0], cells[1], cells[9]):  # name, params (M), Dice
+            assert cell in printed
+    assert benchmark.table_rows(rows)[0][1] == f"{rows[0]['params_trainable'] / 1e6:.2f}"
+
+
+def test_seconds_budget_fixed_batch_and_a_failing_architecture(cache64):
+    n_train = len(Cache.open(cache64).split_ids(0)[0])
+    batch = n_train - 1  # each epoch ends with a batch of one image, which deeplabv3 cannot train on
+    settings = BenchmarkSettings(seconds=1.0, batch_size=batch, batch_search=False, warmup_steps=0, timing_steps=1, repeats=1)
+    specs = parse_archs("pan,deeplabv3:resnet18")  # pan needs >= 128 px: it fails, the benchmark goes on
+    rows = benchmark.run_local(load_config("smoke"), cache64, specs, settings)
+    assert rows[0]["status"] == "error" and "pan" in rows[0]["error"] and "128" in rows[0]["error"]
+    ok = rows[1]
+    assert ok["status"] == "ok", ok["error"]
+    assert ok["batch_size"] == batch and "max_batch_size" not in ok
+    assert all(h["train_images_seen"] % batch == 0 for h in ok["history"])  # the one-image batches were left out
+    assert ok["train_seconds"] >= 1.0 and ok["train_seconds"] < 30
+    assert [h["epoch"] for h in ok["history"]] == list(range(len(ok["history"])))
+    seen = [h["train_images_seen"] for h in ok["history"]]
+    assert seen == sorted(seen) and seen[-1] == ok["train_images_seen"]
+    cells = benchmark.table_rows(rows)
+    assert cells[0][0] == "pan" and set(cells[0][1:]) == {"-"}
+
+
+def test_ray_tune_trials_one_per_architecture(ray_local, cache64, tmp_path):
+    from ptxray import ray_benchmark
+
+    settings = BenchmarkSettings(epochs=1, batch_size=2, batch_search=False, warmup_steps=0, timing_steps=1, repeats=1, threads=1)
+    rows, mode = ray_benchmark.run_trials(
+        load_config("smoke"), cache64, parse_archs(TWO), settings, storage_path=str(tmp_path / "tune"), cpus_per_trial=1
+    )
+    assert [r["name"] for r in rows] == ["unet_vanilla", "fcn:resnet18"]
+    assert all(r["status"] == "ok" and r["device"] == "cpu" and r["torch_threads"] == 1 for r in rows)
+    assert all(math.isfinite(r["train_images_per_s"]) and 0.0 <= r["val_dice"] <= 1.0 for r in rows)
+    assert "Ray Tune" in mode and "up to 1 at a time" in mode
+    report = benchmark.write_report(rows, cfg=load_config("smoke"), cache_uri=cache64, settings=settings, out_dir=tmp_path / "out", mode=mode)
+    assert "Ray trial process" in report["memory_kind_text"]
+
+
+def test_train_batch_size_auto_trains_at_the_largest_batch(cache64, tmp_path):
+    from ptxray.runner import train_fold
+
+    cfg = load_config("smoke", {"train.batch_size": "auto", "model.base_filters": 4, "model.depth": 2})
+    train_fold(cfg, cache64, tmp_path / "run", device="cpu")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    n_train = len(Cache.open(cache64).split_ids(0)[0])
+    assert saved["train"]["batch_size"] == min(64, n_train)  # CPU: capped by the training images
+
+
+def test_train_batch_size_auto_on_ray_train_agrees_over_workers(cache64, tmp_path):
+    from ptxray import ray_train
+
+    overrides = {"train.batch_size": "auto", "model.base_filters": 4, "model.depth": 2,
+                 "compute.num_workers": 2, "compute.cpus_per_worker": 0}  # fmt: skip
+    result = ray_train.run_fold(load_config("smoke", overrides), cache64, run_name="auto", storage_path=str(tmp_path))
+    with result.checkpoint.as_directory() as checkpoint:
+        saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text())
+    n_train_per_rank = len(Cache.open(cache64).split_ids(0)[0]) // 2
+    assert saved["train"]["batch_size"] == min(64, n_train_per_rank)  # each rank's search, capped by its rows
+
+
+def test_cli_errors_are_named(cache64, tmp_path, capsys):
+    base = ["benchmark", "--cache", cache64, "--local", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(base + ["--archs", "nope"]) == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().err
+    assert main(base + ["--archs", "unet_vanilla", "--image-size", "128"]) == 2
+    assert "holds 64 px images, not 128 px" in capsys.readouterr().err
+    assert main(base + ["--archs", "unet_vanilla", "--batch-size", "lots"]) == 2
+    assert "--batch-size 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_benchmark_uses_bf16_channels_last_and_cuda_memory(cache64):
+    settings = BenchmarkSettings(epochs=1, max_batch_size=64, warmup_steps=1, timing_steps=2, repeats=2, device="cuda")
+    rows = benchmark.run_local(load_config("smoke"), cache64, parse_archs("unet_resnet34,maskrcnn"), settings)
+    for r in rows:
+        assert r["status"] == "ok", r.get("error")
+        assert r["device"] == "cuda" and r["peak_memory_kind"] == "cuda_max_allocated" and r["peak_memory_bytes"] > 0
