@@ -190,3 +190,15 @@ def trained_run(ray_local, synth_dataset, tmp_path_factory):
     summary = {"metric": "val_dice", "mode": "max", "rows": [], "best": {"params": {}, "fold_checkpoints": fold_dirs}}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: on 2 shared cores, OpenMP threads spinning against other
+    processes are slower than one thread."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

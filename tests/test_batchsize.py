@@ -25,12 +25,7 @@ from ptxray.batchsize import (
 from ptxray.config import ConfigError, load_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spinning against other processes are slower
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class OomAbove:

@@ -24,12 +24,7 @@ from ptxray.models import build_model
 TWO = "unet_vanilla,fcn:resnet18"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spinning against other processes are slower
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

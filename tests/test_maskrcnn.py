@@ -19,12 +19,7 @@ from ptxray.models.maskrcnn import MAX_DETECTIONS_PER_IMAGE, instance_targets, m
 BASE = dataclasses.replace(Config().model, arch="maskrcnn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spinning against other processes are slower
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_instance_targets_one_instance_per_component():
