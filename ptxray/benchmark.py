@@ -691,13 +691,11 @@ def _footer(fig: Any, report: dict[str, Any]) -> None:
 
 
 def plot_quality_vs_throughput(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig = Figure(figsize=(12, 5.2))
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "val_dice", "Dice (competition rule)"), (axes[1], "val_dice_pos", "Dice on positive images")):
         for r in ok:
             x, y = _num(r["train_images_per_s"]), _num(r.get(key))
@@ -721,19 +719,16 @@ def plot_quality_vs_throughput(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     _footer(fig, report)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_cost_bars(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok"]
     names = [r["name"] for r in ok]
     ypos = np.arange(len(ok))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 0.45 * len(ok) + 2.2), sharey=True)
+    fig = Figure(figsize=(16, 0.45 * len(ok) + 2.2))
+    axes = fig.subplots(1, 4, sharey=True)
     panels = [
         ("train_images_per_s", "training images/s", 1.0),
         ("infer_images_per_s", "inference images/s", 1.0),
@@ -757,19 +752,16 @@ def plot_cost_bars(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     _footer(fig, report)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok" and r.get("history")]
     cols = min(3, max(1, len(ok)))
     rows = max(1, math.ceil(len(ok) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(ok):]:
         ax.axis("off")
     legend: tuple[list, list] = ([], [])
@@ -801,7 +793,6 @@ def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 0.92))
     _footer(fig, report)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _markdown_table(results: Sequence[dict[str, Any]]) -> str:

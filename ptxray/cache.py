@@ -236,15 +236,11 @@ def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
 # Reading
 
 
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
-
-
 def read_manifest(cache_dir: str) -> dict[str, Any] | None:
     """The manifest of a cache directory (URI), or None when there is no complete cache there."""
     fs, path = storage.filesystem_and_path(cache_dir)
     try:
-        with fs.open_input_stream(_join(path, "manifest.json")) as f:
+        with fs.open_input_stream(storage.join(path, "manifest.json")) as f:
             return json.loads(f.read())
     except (FileNotFoundError, OSError):
         return None
@@ -292,24 +288,34 @@ class Cache:
 
     @property
     def parts_uri(self) -> str:
-        return _join(self.uri, self.manifest["parts"])
+        return storage.join(self.uri, self.manifest["parts"])
 
     @property
     def data_uri(self) -> str:
-        return _join(self.parts_uri, "data")
+        return storage.join(self.parts_uri, "data")
 
     def index(self) -> pa.Table:
-        fs, path = storage.filesystem_and_path(_join(self.parts_uri, "index.parquet"))
+        fs, path = storage.filesystem_and_path(storage.join(self.parts_uri, "index.parquet"))
         return pq.read_table(path, filesystem=fs)
 
-    def split_ids(self, fold: int) -> tuple[list[str], list[str]]:
-        """(train image ids, val image ids) for fold k: train = folds != k (hold-out excluded)."""
+    def _split(self, fold: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """(index, train row mask, val row mask) for fold k: train = folds != k (hold-out excluded)."""
         idx = self.index()
         folds = idx.column("fold").to_numpy()
         if fold not in set(folds.tolist()):
             raise CacheError(f"{self.uri}: no fold {fold} (folds: {sorted(set(folds.tolist()) - {-1})})")
+        return idx, (folds != fold) & (folds >= 0), folds == fold
+
+    def split_ids(self, fold: int) -> tuple[list[str], list[str]]:
+        """(train image ids, val image ids) for fold k."""
+        idx, train, val = self._split(fold)
         ids = np.asarray(idx.column("image_id").to_pylist(), dtype=object)
-        return ids[(folds != fold) & (folds >= 0)].tolist(), ids[folds == fold].tolist()
+        return ids[train].tolist(), ids[val].tolist()
+
+    def train_labels(self, fold: int) -> np.ndarray:
+        """bool (N_train,): which of fold k's training images are positive (index order)."""
+        idx, train, _ = self._split(fold)
+        return idx.column("label").to_numpy(zero_copy_only=False).astype(bool)[train]
 
     def load_arrays(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """images uint8 (N, C, S, S), masks uint8 (N, S, S), ids — in the order given."""

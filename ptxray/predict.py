@@ -15,8 +15,9 @@ the image's own size and binarised there. Outputs under `--out` (folder or s3://
     predict.json       counts, thresholds used and where they came from, timings
 
 `Predictor` does one batch (decode -> ensemble -> rule -> write PNGs -> light rows); the local path
-calls it in a loop, the Ray path hands the same class to `map_batches` as an actor pool (one per GPU
-when the cluster has GPUs), so both paths produce the same rows.
+calls it in a loop, the Ray path (`ptxray.ray_data.predict_files`) hands the same class to
+`map_batches` as an actor pool (one per GPU when the cluster has GPUs), so both paths produce the
+same rows.
 
 Out-of-fold (`load_or_compute_oof`): each fold model predicts its own validation split from the
 run's Parquet cache (same TTA), reduced to the per-image histograms `postprocess.OofStats` keeps;
@@ -77,10 +78,6 @@ PRED_SCHEMA = pa.schema(
         ("seg_error", pa.string()),  # --dicom-seg: why this image's SEG could not be written
     ]
 )
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
 
 
 def default_device() -> str:
@@ -227,17 +224,17 @@ class Predictor:
         h, w = scan.rows, scan.columns  # the stored size (scan.image may be a reduced-scale decode)
         mask = full_size_mask(prob_u8, keep, self.th, h, w)  # bool (H, W)
         if self.write_images:
-            storage.write_bytes_atomic(_join(self.out, "masks", f"{scan.image_id}.png"), encode_png(mask.astype(np.uint8) * 255))
+            storage.write_bytes_atomic(storage.join(self.out, "masks", f"{scan.image_id}.png"), encode_png(mask.astype(np.uint8) * 255))
             # The radiograph was decoded at a reduced DCT scale when the model is small: scale it
             # back up to the stored size so the overlay lines up with the full-size mask.
             image = scan.image if scan.image.shape == (h, w) else cv2.resize(scan.image, (w, h), interpolation=cv2.INTER_LINEAR)
-            storage.write_bytes_atomic(_join(self.out, "overlays", f"{scan.image_id}.png"), encode_png(overlay(image, mask)))
+            storage.write_bytes_atomic(storage.join(self.out, "overlays", f"{scan.image_id}.png"), encode_png(overlay(image, mask)))
         seg_error = None
         if self.write_seg is not None and mask.any():
             params = {k: str(v) for k, v in self.th.to_dict().items() if k in ("rule", "top_score", "min_area_px", "bin_threshold", "cls_threshold")}
             try:
                 self.write_seg(
-                    data, mask.astype(np.uint8), _join(self.out, "seg", f"{scan.image_id}.dcm"),
+                    data, mask.astype(np.uint8), storage.join(self.out, "seg", f"{scan.image_id}.dcm"),
                     source_path=scan.path, algorithm_parameters=params,
                 )
             except DicomError as e:  # a source the SEG cannot reference: the prediction itself stands
@@ -263,7 +260,7 @@ def run_thresholds(run: Run, rule: str = "chosen", thresholds: Thresholds | None
     """Explicit thresholds, else the run's stored ones, else the defaults (logged)."""
     size = run.config.preprocess.image_size_px
     if thresholds is None:
-        uri = _join(run.run_dir, THRESHOLDS_FILE)
+        uri = storage.join(run.run_dir, THRESHOLDS_FILE)
         thresholds = load_thresholds(uri, rule)
         if thresholds is not None:
             with storage.open_input_stream(uri) as f:
@@ -312,11 +309,13 @@ def run_predict(
     if local:
         tables = _predict_local(fs, paths, kwargs, batch_size)
     else:
-        tables = _predict_ray(fs, paths, kwargs, batch_size, workers, device, address)
+        from ptxray.ray_data import predict_files  # Ray stays in the ray_* modules
+
+        tables = predict_files(Predictor, fs, paths, kwargs, batch_size, workers, device, address)
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     summary = write_outputs(rows, out)
     if dicom_seg:
-        summary["files"]["seg"] = _join(out, "seg")
+        summary["files"]["seg"] = storage.join(out, "seg")
     summary.update(
         run=run.run_dir,
         folds=run.fold_ids,
@@ -327,7 +326,7 @@ def run_predict(
         mode="local" if local else "ray",
         seconds=round(time.perf_counter() - t0, 2),
     )
-    storage.write_bytes_atomic(_join(out, "predict.json"), json.dumps(summary, indent=2, default=str).encode())
+    storage.write_bytes_atomic(storage.join(out, "predict.json"), json.dumps(summary, indent=2, default=str).encode())
     return summary
 
 
@@ -349,33 +348,6 @@ def _predict_local(fs, paths: Sequence[str], kwargs: dict[str, Any], batch_size:
         if chunk:
             tables.append(predictor(pa.table({"bytes": pa.array(blobs, pa.binary()), "path": pa.array(chunk, pa.string())})))
     return tables
-
-
-def _predict_ray(fs, paths: Sequence[str], kwargs: dict[str, Any], batch_size: int, workers: int, device: str | None, address: str) -> list[pa.Table]:
-    import ray
-
-    from ptxray.ray_data import ray_session
-
-    if not paths:
-        return []
-    with ray_session(address):
-        resources = ray.cluster_resources()
-        use_gpu = resources.get("GPU", 0) >= 1 and device != "cpu"
-        if use_gpu:
-            pool = workers or int(resources["GPU"])
-        else:
-            # One CPU stays free for the read tasks that feed the actors.
-            pool = workers or max(1, min(4, int(resources.get("CPU", 1)) - 1))
-        ds = ray.data.read_binary_files(list(paths), filesystem=fs, include_paths=True)
-        ds = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs=dict(kwargs, device="cuda" if use_gpu else "cpu"),
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=pool),
-            num_gpus=1 if use_gpu else 0,
-        )
-        return [ray.get(ref) for ref in ds.to_arrow_refs()]
 
 
 def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
@@ -400,9 +372,9 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
         return buf.getvalue().encode()
 
     files = {
-        "submission": _join(out, "submission.csv"),
-        "probabilities": _join(out, "probabilities.csv"),
-        "errors": _join(out, "errors.csv"),
+        "submission": storage.join(out, "submission.csv"),
+        "probabilities": storage.join(out, "probabilities.csv"),
+        "errors": storage.join(out, "errors.csv"),
     }
     storage.write_bytes_atomic(files["submission"], csv_bytes(["ImageId", "EncodedPixels"], [(r["image_id"], r["rle"]) for r in good]))
     storage.write_bytes_atomic(
@@ -425,7 +397,7 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
         "non_empty": sum(1 for r in good if r["mask_area_px"] > 0),
         "errors": len(errors),
         "error_list": [{"path": p, "reason": e} for p, e in errors],
-        "files": dict(files, masks=_join(out, "masks"), overlays=_join(out, "overlays")),
+        "files": dict(files, masks=storage.join(out, "masks"), overlays=storage.join(out, "overlays")),
     }
 
 
@@ -446,7 +418,7 @@ def resolve_cache(run: Run, cache: str | None = None) -> Cache:
 
             try:
                 _, _, listing = list_dicoms(cfg.data.images)
-                uri = _join(cfg.data.cache, cache_key(cfg, listing, labels_sha256(cfg.data.labels)))
+                uri = storage.join(cfg.data.cache, cache_key(cfg, listing, labels_sha256(cfg.data.labels)))
                 manifest = read_manifest(uri)
                 found = Cache(uri, manifest) if manifest else None
             except (FileNotFoundError, OSError) as e:
@@ -510,7 +482,7 @@ def load_or_compute_oof(
     """The run's stored OOF statistics when they match its fold checkpoints, else computed and stored.
 
     Returns (stats, computed now)."""
-    uri = _join(run.run_dir, OOF_FILE)
+    uri = storage.join(run.run_dir, OOF_FILE)
     if not recompute:
         try:
             stats = OofStats.load(uri)
@@ -530,8 +502,8 @@ def find_thresholds(run_dir: str, *, cache: str | None = None, recompute: bool =
     run = open_run(run_dir)
     stats, _ = load_or_compute_oof(run, cache, recompute=recompute, device=device)
     result = search_thresholds(stats)
-    uri = _join(run.run_dir, THRESHOLDS_FILE)
-    save_search(result, uri, extra={"oof": {"path": _join(run.run_dir, OOF_FILE), **stats.meta}})
+    uri = storage.join(run.run_dir, THRESHOLDS_FILE)
+    save_search(result, uri, extra={"oof": {"path": storage.join(run.run_dir, OOF_FILE), **stats.meta}})
     return result, uri, stats
 
 

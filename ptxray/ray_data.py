@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import ray
@@ -74,7 +74,7 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
     fs, paths, listing = cache_mod.list_dicoms(images)
     label_index = read_labels(labels, scheme=cfg.data.rle_scheme)
     key = cache_mod.cache_key(cfg, listing, cache_mod.labels_sha256(labels))
-    cache_dir = cache_mod._join(cache, key)
+    cache_dir = storage.join(cache, key)
     manifest = None if force else cache_mod.read_manifest(cache_dir)
     if manifest is not None:
         summary = dict(manifest["summary"], reused=True, cache=cache_dir, seconds=round(time.perf_counter() - t0, 2))
@@ -83,8 +83,8 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
 
     _remove_unfinished_attempts(cache_dir)
     parts = cache_mod.new_parts_id()
-    parts_uri = cache_mod._join(cache_dir, parts)
-    out_fs, out_path = storage.filesystem_and_path(cache_mod._join(parts_uri, "data"))
+    parts_uri = storage.join(cache_dir, parts)
+    out_fs, out_path = storage.filesystem_and_path(storage.join(parts_uri, "data"))
     display_prefix = "s3://" if images.startswith(("s3://", "s3a://")) else ""
 
     if paths:
@@ -107,7 +107,7 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
     prepared = cache_mod.build_index(light, label_index, cfg)
     import pyarrow.parquet as pq
 
-    idx_fs, idx_path = storage.filesystem_and_path(cache_mod._join(parts_uri, "index.parquet"))
+    idx_fs, idx_path = storage.filesystem_and_path(storage.join(parts_uri, "index.parquet"))
     with idx_fs.open_output_stream(idx_path) as f:
         pq.write_table(prepared.index, f)
     summary = dict(
@@ -118,10 +118,10 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
         preprocess=cfg.to_dict()["preprocess"],
         prepare_seconds=round(time.perf_counter() - t0, 2),
     )
-    cache_mod.write_json(cache_mod._join(parts_uri, "summary.json"), summary)
+    cache_mod.write_json(storage.join(parts_uri, "summary.json"), summary)
     # The manifest goes last: until it exists, no reader trusts anything under cache_dir.
     cache_mod.write_json(
-        cache_mod._join(cache_dir, "manifest.json"),
+        storage.join(cache_dir, "manifest.json"),
         {"format": cache_mod.CACHE_FORMAT_VERSION, "key": key, "parts": parts, "summary": summary, "created": time.time()},
     )
     return dict(summary, reused=False, cache=cache_dir, seconds=round(time.perf_counter() - t0, 2))
@@ -177,3 +177,38 @@ def fold_datasets(cache_uri: str, fold: int) -> tuple["ray.data.Dataset", "ray.d
         return ds.select_columns(cols).filter(expr=col("image_id").is_in(list(ids)))
 
     return read(train_ids), read(val_ids)
+
+
+def predict_files(
+    predictor_cls: type,
+    fs: Any,
+    paths: Sequence[str],
+    predictor_kwargs: dict[str, Any],
+    batch_size: int,
+    workers: int,
+    device: str | None,
+    address: str,
+) -> list[pa.Table]:
+    """`ptxray predict` on Ray Data: DICOM bytes read by tasks, predicted by an actor pool of
+    `predictor_cls(**predictor_kwargs)` (one actor per GPU, else up to 4 CPU actors); returns the
+    prediction tables for the driver to gather."""
+    if not paths:
+        return []
+    with ray_session(address):
+        resources = ray.cluster_resources()
+        use_gpu = resources.get("GPU", 0) >= 1 and device != "cpu"
+        if use_gpu:
+            pool = workers or int(resources["GPU"])
+        else:
+            # One CPU stays free for the read tasks that feed the actors.
+            pool = workers or max(1, min(4, int(resources.get("CPU", 1)) - 1))
+        ds = ray.data.read_binary_files(list(paths), filesystem=fs, include_paths=True)
+        ds = ds.map_batches(
+            predictor_cls,
+            fn_constructor_kwargs=dict(predictor_kwargs, device="cuda" if use_gpu else "cpu"),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_gpus=1 if use_gpu else 0,
+        )
+        return [ray.get(ref) for ref in ds.to_arrow_refs()]

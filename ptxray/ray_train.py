@@ -160,15 +160,6 @@ def _check_cache_channels(cfg: Config, cache_uri: str) -> None:
         )
 
 
-def _train_positive_rate(cache_uri: str, fold: int) -> float:
-    """Fraction of positive images in fold `fold`'s train split, from the cache index."""
-    idx = Cache.open(cache_uri).index()
-    folds = idx.column("fold").to_numpy()
-    train = (folds != fold) & (folds >= 0)
-    labels = idx.column("label").to_numpy(zero_copy_only=False).astype(bool)
-    return float(labels[train].mean()) if train.any() else 0.0
-
-
 def make_trainer(
     cfg: Config,
     cache_uri: str,
@@ -405,7 +396,7 @@ def _restore(checkpoint: Any, into: Path) -> Path:
     return last
 
 
-def _resolve_auto_batch_size(cfg: Config, device: torch.device, cache_uri: str, ctx: Any) -> Config:
+def _resolve_auto_batch_size(cfg: Config, device: torch.device, n_train: int, ctx: Any) -> Config:
     """`train.batch_size: auto` -> the largest size that fits on every rank (their minimum: DDP ranks
     must take the same steps). CPU workers on one node share its memory budget."""
     if cfg.train.batch_size != "auto":
@@ -415,7 +406,6 @@ def _resolve_auto_batch_size(cfg: Config, device: torch.device, cache_uri: str, 
     budget = None
     if device.type != "cuda":
         budget = int(DEFAULT_CPU_MEMORY_FRACTION * available_memory_bytes() / max(1, ctx.get_local_world_size()))
-    n_train = len(Cache.open(cache_uri).split_ids(cfg.train.fold)[0]) // ctx.get_world_size()
     resolved, _ = resolve_batch_size(cfg, device, n_train=n_train, memory_budget_bytes=budget)
     size = torch.tensor([resolved.train.batch_size], device=device if device.type == "cuda" else "cpu")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -445,7 +435,9 @@ def train_loop_per_worker(config: dict) -> None:
                      "threads": torch.get_num_threads(), "time": time.time()}
             (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
 
-        cfg = _resolve_auto_batch_size(cfg, device, config["cache"], ctx)
+        train_labels = Cache.open(config["cache"]).train_labels(cfg.train.fold)  # one read of the index
+        n_train = len(train_labels) // world_size  # rows per rank after the equal split
+        cfg = _resolve_auto_batch_size(cfg, device, n_train, ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
         if device.type == "cuda" and cfg.compute.channels_last:
@@ -458,7 +450,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.get_dataset_shard("train"),
             ray.train.get_dataset_shard("val"),
             rank,
-            natural_positive_rate=_train_positive_rate(config["cache"], cfg.train.fold),
+            natural_positive_rate=float(train_labels.mean()) if len(train_labels) else 0.0,
         )
         batch_size = cfg.train.batch_size
 
@@ -470,9 +462,7 @@ def train_loop_per_worker(config: dict) -> None:
         def val_batches() -> Iterator:
             return iter(streams.val())
 
-        # Rows per rank after the equal split, for onecycle's plan.
-        n_train = len(Cache.open(config["cache"]).split_ids(cfg.train.fold)[0]) // world_size
-        steps = max(1, math.ceil(n_train / batch_size))
+        steps = max(1, math.ceil(n_train / batch_size))  # for onecycle's plan
         run_dir = work / "run" if rank == 0 else None
 
         def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:

@@ -45,10 +45,6 @@ log = logging.getLogger("ptxray")
 REPORT_DIR = "report"
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
-
-
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
 
@@ -250,9 +246,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Write the report under `out` (default `<run>/report`); returns its numbers and file paths."""
     run = open_run(run_dir)
-    out = out or _join(run.run_dir, REPORT_DIR)
+    out = out or storage.join(run.run_dir, REPORT_DIR)
     stats, computed = load_or_compute_oof(run, cache, recompute=recompute, device=device)
-    th = load_thresholds(_join(run.run_dir, THRESHOLDS_FILE))
+    th = load_thresholds(storage.join(run.run_dir, THRESHOLDS_FILE))
     if th is None:
         th = search_thresholds(stats, source="out-of-fold search in `evaluate` (not stored; run `ptxray thresholds`)").thresholds
     size = stats.size_px
@@ -269,7 +265,7 @@ def evaluate_run(
 
     def put(name: str, data: bytes | None) -> None:
         if data is not None:
-            files[name] = _join(out, name)
+            files[name] = storage.join(out, name)
             storage.write_bytes_atomic(files[name], data)
 
     put("roc.png", plot_roc(stats))

@@ -33,10 +33,6 @@ class RunError(ValueError):
     """A run directory that is missing, incomplete or not a ptxray run; the message names it."""
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def _exists(path_or_uri: str) -> bool:
     import pyarrow.fs as pafs
 
@@ -56,15 +52,15 @@ class FoldModelRef:
 
     @property
     def best(self) -> str:
-        return _join(self.checkpoint_dir, "checkpoints", "best.pt")
+        return storage.join(self.checkpoint_dir, "checkpoints", "best.pt")
 
     @property
     def last(self) -> str:
-        return _join(self.checkpoint_dir, "checkpoints", "last.pt")
+        return storage.join(self.checkpoint_dir, "checkpoints", "last.pt")
 
     @property
     def metrics_path(self) -> str:
-        return _join(self.checkpoint_dir, "metrics.jsonl")
+        return storage.join(self.checkpoint_dir, "metrics.jsonl")
 
     def history(self) -> list[dict[str, Any]]:
         """The fold's per-epoch metrics (metrics.jsonl); empty when the file is missing."""
@@ -97,7 +93,7 @@ def _config_from_checkpoint(ref: FoldModelRef) -> Config:
 def open_run(run_dir: str) -> Run:
     """Resolve a run directory into its configuration and fold checkpoints (best configuration)."""
     run_dir = str(run_dir).rstrip("/")
-    summary_path = _join(run_dir, "summary.json")
+    summary_path = storage.join(run_dir, "summary.json")
     if _exists(summary_path):
         summary = json.loads(_read_text(summary_path))
         best = summary.get("best")

@@ -47,6 +47,11 @@ def s3_filesystem_from_env() -> "pyarrow.fs.S3FileSystem":
     return fs.S3FileSystem(**kwargs)
 
 
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for local paths and URIs alike (no doubled slashes; `s3://` kept)."""
+    return "/".join([str(base).rstrip("/"), *(str(p).strip("/") for p in parts)])
+
+
 def filesystem_and_path(path_or_uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     """(filesystem, path inside it) for a local path, file:// URI or s3://bucket/key."""
     from pyarrow import fs
