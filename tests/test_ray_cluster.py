@@ -116,13 +116,19 @@ def test_ray_job_submit_runs_on_both_nodes(local_cluster, tmp_path, capsys):
     job.mkdir()
     (job / "probe.py").write_text(
         "import ray, ptxray\n"
+        "from ray.util.placement_group import placement_group\n"
+        "from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy\n"
         "ray.init()\n"
-        "@ray.remote(num_cpus=2)\n"
+        "@ray.remote(num_cpus=1)\n"
         "def where():\n"
         "    return ray.get_runtime_context().get_node_id()\n"
         "alive = [n for n in ray.nodes() if n['Alive']]\n"
-        # two CPUs per node and two two-CPU tasks: they can only run on different nodes
-        "nodes = set(ray.get([where.options(scheduling_strategy='SPREAD').remote() for _ in range(2)]))\n"
+        # STRICT_SPREAD puts each bundle on its own node, so the placement group is ready only when
+        # both nodes take work (plain SPREAD is best effort: a quick first task can free its node
+        # before the second is placed, and both land on one node)
+        "pg = placement_group([{'CPU': 1}, {'CPU': 1}], strategy='STRICT_SPREAD')\n"
+        "ray.get(pg.ready(), timeout=120)\n"
+        "nodes = set(ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote() for i in range(2)]))\n"
         "print(f'PTXRAY={ptxray.__version__} ALIVE_NODES={len(alive)} TASK_NODES={len(nodes)}')\n"
     )
     job_id, status = ray_cluster.submit_job(local_cluster, "python probe.py", working_dir=job)
