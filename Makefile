@@ -12,7 +12,6 @@ venv: $(STAMP)
 # (they install from local disk here; an unpinned torch would download several GB).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

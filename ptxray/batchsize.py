@@ -351,7 +351,7 @@ def training_probe(
     device = torch.device(device)
     baseline = memory_baseline_bytes(device)
     amp = cfg.compute.amp and device.type == "cuda"
-    channels_last = cfg.compute.channels_last and device.type == "cuda"
+    channels_last = cfg.compute.channels_last
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)

@@ -327,6 +327,24 @@ class Cache:
         )
         return table_to_arrays(table, order=image_ids)
 
+    def iter_arrays(self, image_ids: Sequence[str], batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """`load_arrays` as a stream: (images, masks, ids) of at most `batch_size` rows at a time,
+        in the cache's row order, holding one Parquet record batch in memory (not the whole set)."""
+        if batch_size < 1:
+            raise ValueError(f"iter_arrays: batch_size must be >= 1, got {batch_size}")
+        fs, path = storage.filesystem_and_path(self.data_uri)
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        scanner = dataset.scanner(
+            columns=["image_id", "channels", "size", "image", "mask"],
+            filter=pc.field("image_id").isin(pa.array(list(image_ids), pa.string())) & pc.field("error").is_null(),
+            batch_size=max(batch_size, 64),
+        )
+        for record_batch in scanner.to_batches():
+            for start in range(0, record_batch.num_rows, batch_size):
+                chunk = pa.Table.from_batches([record_batch.slice(start, batch_size)])
+                if chunk.num_rows:
+                    yield table_to_arrays(chunk)
+
 
 def table_to_arrays(table: pa.Table, order: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     ids = table.column("image_id").to_pylist()

@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="what `make demo` runs: synthetic data -> local Ray head -> ray job submit jobs/kfold.py")
     p.add_argument("--workdir", default="demo-data")
-    p.add_argument("--n", type=int, default=200, help="number of synthetic images")
+    p.add_argument("--n", type=int, default=400, help="number of synthetic images")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cluster", help="a local Ray head (dashboard + Jobs API, token auth) for `ray job submit`")

@@ -122,8 +122,9 @@ class ComputeConfig:
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     max_failures: int = 1
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # NHWC activations, CUDA and CPU (oneDNN: 1.15-1.4x faster training on CPU)
     prepare_batch_size: int = 16  # images per Ray Data batch when preparing the cache
+    prefetch_mb: int = 512  # train batches a Ray Train worker may build ahead of the model (ptxray.ray_train)
 
 
 @dataclass(frozen=True)

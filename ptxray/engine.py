@@ -262,7 +262,7 @@ def train_epoch(
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    use_channels_last = channels_last and device.type == "cuda"
+    use_channels_last = channels_last
     model.train()
     core = unwrap_model(model)
     # Detection-style models (maskrcnn) compute their own training loss from the masks and make no
@@ -358,7 +358,7 @@ def evaluate(
     """SegMetrics over all batches, all-reduced over ranks, keys prefixed `val_` (+ `val_loss` with loss_fn)."""
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    use_channels_last = channels_last and device.type == "cuda"
+    use_channels_last = channels_last
     # The plain module: DDP's forward would sync buffers, a collective that hangs when ranks hold
     # different numbers of validation batches.
     core = unwrap_model(model)
@@ -655,7 +655,7 @@ def fit(
         )
     train_cfg = cfg.train
     amp = cfg.compute.amp and device.type == "cuda"
-    channels_last = cfg.compute.channels_last and device.type == "cuda"
+    channels_last = cfg.compute.channels_last
     epochs = train_cfg.epochs
     end_epoch = epochs if max_epochs is None else min(epochs, max_epochs)
 

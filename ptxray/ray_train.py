@@ -5,14 +5,21 @@ training itself is `engine.fit`: this module only turns Ray's dataset shards int
 DDP-wraps the model, and reports each epoch.
 
 What a run does:
-- Data: `ray_data.fold_datasets(cache, train.fold)` gives (train, val) Ray datasets. Both are
-  split across the workers: train with `streaming_split(equal=True)` (every rank the same number
-  of rows, hence of DDP steps; up to world_size - 1 rows an epoch are left out), val with
-  `equal=False` (no image is dropped; ranks may hold different numbers of validation batches,
-  which `engine.evaluate` supports since it runs the unwrapped model). Each worker streams its
-  shard with a local shuffle buffer and augments on the worker (`runner.augmented_batch`, the
+- Data: `ray_data.train_dataset(cache, train.fold)` is the fold's training rows as a Ray dataset,
+  split across the workers with `streaming_split(equal=True)` (every rank the same number of
+  rows, hence of DDP steps; up to world_size - 1 rows an epoch are left out). Each worker streams
+  its shard with a local shuffle buffer and augments on the worker (`runner.augmented_batch`, the
   same code as the in-process runner), in a background thread that starts each stream one step
   early (`ShardStreams`): val while the epoch trains, the next epoch's train while it validates.
+  The thread may run `compute.prefetch_mb` of batches ahead: a shard that fits is pulled in one
+  go, which ends the epoch's Ray Data execution early. (Ray 2.60's streaming executor polls
+  without sleeping while it has no task in flight and its output waits for the consumer; its
+  split coordinator actor then holds half a CPU for the whole epoch, measured on 2 cores.)
+- Validation is not a Ray dataset: rank r reads every world_size-th image of the fold's
+  validation ids straight from the cache (`Cache.iter_arrays`, a streamed pyarrow scan), so no
+  image is dropped (ranks may hold different numbers of validation batches, which
+  `engine.evaluate` supports since it runs the unwrapped model) and no second coordinator polls
+  through the epoch. Validation sets are small next to training sets, and read once per epoch.
   Randomness: epoch e on rank r draws from `default_rng([train.seed, e, r])`, fit's epoch seed
   plus the rank, so ranks augment differently and a rank's stream is reproducible for a given
   block arrival order (which Ray Data's streaming does not fix: the streaming path is not
@@ -91,35 +98,6 @@ _INT_METRICS = ("epoch", "epochs_completed")
 
 
 # ---- the trainer (driver side) ---------------------------------------------------------------
-class FoldDataConfig(DataConfig):
-    """Split "train" with equal shards (DDP needs equal step counts) and "val" without dropping rows.
-
-    Ray's DataConfig splits every dataset with `streaming_split(equal=True)`, which drops up to
-    world_size - 1 rows: harmless for training, but validation metrics must cover the whole fold.
-    """
-
-    def __init__(self, equal: Sequence[str] = ("train",), unequal: Sequence[str] = ("val",)):
-        super().__init__(datasets_to_split=[*equal, *unequal])
-        self._equal = set(equal)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        locality = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in datasets.items():
-            if ds.name is None:
-                ds.set_name(name)
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            if name in self._datasets_to_split:
-                splits = ds.streaming_split(world_size, equal=name in self._equal, locality_hints=locality)
-                for rank, split in enumerate(splits):
-                    output[rank][name] = split
-            else:
-                for rank in range(world_size):
-                    output[rank][name] = ds.iterator()
-        return output
-
-
 def storage_for_ray(storage_path: str) -> tuple[str, Any]:
     """(path, filesystem) for `RunConfig`: S3 through our endpoint-aware filesystem, locals absolute."""
     if not storage_path:
@@ -180,7 +158,7 @@ def make_trainer(
     if compute.num_workers < 1:
         raise ValueError(f"compute.num_workers: must be >= 1, got {compute.num_workers}")
     _check_cache_channels(cfg, cache_uri)
-    train_ds, val_ds = ray_data.fold_datasets(cache_uri, cfg.train.fold)
+    train_ds = ray_data.train_dataset(cache_uri, cfg.train.fold)
     path, filesystem = storage_for_ray(storage_path or compute.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
@@ -199,8 +177,9 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
             callbacks=list(callbacks) or None,
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=FoldDataConfig(),
+        datasets={"train": train_ds},
+        # streaming_split(equal=True): DDP needs the same number of steps on every rank
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -302,9 +281,17 @@ class ShardStreams:
     """
 
     def __init__(
-        self, cfg: Config, train_shard: Any, val_shard: Any, rank: int, depth: int = 4, natural_positive_rate: float = 0.0
+        self,
+        cfg: Config,
+        train_shard: Any,
+        val_rows: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, list[str]]]],
+        rank: int,
+        depth: int = 4,
+        natural_positive_rate: float = 0.0,
     ):
-        self._cfg, self._train_shard, self._val_shard = cfg, train_shard, val_shard
+        """`val_rows()` yields this rank's validation (images, masks, ids) chunks, once per call;
+        `depth` is how many train batches the background thread may build ahead."""
+        self._cfg, self._train_shard, self._val_rows = cfg, train_shard, val_rows
         oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
         self.reservoir = PositiveReservoir(natural_positive_rate) if oversampling else None
         self._train_counts: dict[int, dict[str, int]] = {}
@@ -336,8 +323,7 @@ class ShardStreams:
         return counts["positive"] / counts["rows"] if counts["rows"] else math.nan
 
     def _start_val(self) -> Prefetch:
-        size = self._cfg.train.batch_size
-        return Prefetch(lambda: _shard_batches(self._val_shard, size), self._depth, "val")
+        return Prefetch(lambda: (augmented_batch(i, m) for i, m, _ in self._val_rows()), 4, "val")
 
     def train(self, epoch: int) -> Prefetch:
         self._epoch = epoch
@@ -413,6 +399,14 @@ def _resolve_auto_batch_size(cfg: Config, device: torch.device, n_train: int, ct
     return resolved.with_overrides({"train.batch_size": int(size.item())})
 
 
+def prefetch_depth(cfg: Config, batch_size: int) -> int:
+    """Train batches the background thread may hold: `compute.prefetch_mb` of float32 images and
+    masks, at least 4."""
+    s = cfg.preprocess.image_size_px
+    batch_bytes = batch_size * (cfg.model.in_channels + 1) * s * s * 4
+    return max(4, int(cfg.compute.prefetch_mb * 2**20 // max(1, batch_bytes)))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Run by every Ray Train worker: config = {"cfg": cfg.to_dict(), "cache": cache_uri} (+ debug keys)."""
     cfg = config_from_dict(config["cfg"])
@@ -435,24 +429,27 @@ def train_loop_per_worker(config: dict) -> None:
                      "threads": torch.get_num_threads(), "time": time.time()}
             (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
 
-        train_labels = Cache.open(config["cache"]).train_labels(cfg.train.fold)  # one read of the index
+        train_labels = Cache.open(config["cache"]).train_labels(cfg.train.fold)
         n_train = len(train_labels) // world_size  # rows per rank after the equal split
         cfg = _resolve_auto_batch_size(cfg, device, n_train, ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
-        if device.type == "cuda" and cfg.compute.channels_last:
+        if cfg.compute.channels_last:
             # Before DDP wraps it: DDP's buckets follow the parameters' layout at construction.
             model = model.to(device, memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(model)
 
+        batch_size = cfg.train.batch_size
+        cache = Cache.open(config["cache"])
+        my_val_ids = cache.split_ids(cfg.train.fold)[1][rank::world_size]
         streams = ShardStreams(
             cfg,
             ray.train.get_dataset_shard("train"),
-            ray.train.get_dataset_shard("val"),
+            lambda: cache.iter_arrays(my_val_ids, batch_size),
             rank,
+            depth=prefetch_depth(cfg, batch_size),
             natural_positive_rate=float(train_labels.mean()) if len(train_labels) else 0.0,
         )
-        batch_size = cfg.train.batch_size
 
         def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
             # rng (fit's default_rng([seed, epoch])) is not drawn from: the stream may have been
@@ -511,4 +508,4 @@ def train_loop_per_worker(config: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["CHECKPOINTS_TO_KEEP", "FoldDataConfig", "Prefetch", "ShardStreams", "make_trainer", "run_fold", "storage_for_ray", "train_loop_per_worker", "worker_resources"]
+__all__ = ["CHECKPOINTS_TO_KEEP", "Prefetch", "ShardStreams", "prefetch_depth", "make_trainer", "run_fold", "storage_for_ray", "train_loop_per_worker", "worker_resources"]

@@ -79,6 +79,18 @@ def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
     train, val = c.split_ids(0)
     assert not set(train) & set(val) and len(train) + len(val) == 10
 
+    # The streamed reader gives the same rows as load_arrays, in chunks of at most batch_size.
+    chunks = list(c.iter_arrays(train, batch_size=3))
+    assert [len(ch[2]) for ch in chunks[:-1]] == [3] * (len(chunks) - 1) and 1 <= len(chunks[-1][2]) <= 3
+    streamed_ids = [i for ch in chunks for i in ch[2]]
+    assert sorted(streamed_ids) == sorted(train)
+    all_imgs, all_masks, _ = c.load_arrays(streamed_ids)
+    np.testing.assert_array_equal(np.concatenate([ch[0] for ch in chunks]), all_imgs)
+    np.testing.assert_array_equal(np.concatenate([ch[1] for ch in chunks]), all_masks)
+    assert list(c.iter_arrays([], batch_size=4)) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter(c.iter_arrays(train, batch_size=0)))
+
 
 def test_second_run_reuses_the_cache_and_decodes_nothing(ray_local, tmp_path):
     from ptxray import ray_data
