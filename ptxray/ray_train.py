@@ -429,7 +429,8 @@ def train_loop_per_worker(config: dict) -> None:
                      "threads": torch.get_num_threads(), "time": time.time()}
             (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
 
-        train_labels = Cache.open(config["cache"]).train_labels(cfg.train.fold)
+        cache = Cache.open(config["cache"])
+        train_labels = cache.train_labels(cfg.train.fold)
         n_train = len(train_labels) // world_size  # rows per rank after the equal split
         cfg = _resolve_auto_batch_size(cfg, device, n_train, ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -440,7 +441,6 @@ def train_loop_per_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(model)
 
         batch_size = cfg.train.batch_size
-        cache = Cache.open(config["cache"])
         my_val_ids = cache.split_ids(cfg.train.fold)[1][rank::world_size]
         streams = ShardStreams(
             cfg,
