@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -317,33 +317,35 @@ class Cache:
         idx, train, _ = self._split(fold)
         return idx.column("label").to_numpy(zero_copy_only=False).astype(bool)[train]
 
+    def _scan_args(self, image_ids: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+        """(Parquet dataset of the image rows, the column/filter arguments that select `image_ids`)."""
+        fs, path = storage.filesystem_and_path(self.data_uri)
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        wanted = pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
+        return dataset, {"columns": ["image_id", "channels", "size", "image", "mask"], "filter": wanted & pc.field("error").is_null()}
+
     def load_arrays(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """images uint8 (N, C, S, S), masks uint8 (N, S, S), ids — in the order given."""
-        fs, path = storage.filesystem_and_path(self.data_uri)
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        table = dataset.to_table(
-            columns=["image_id", "channels", "size", "image", "mask"],
-            filter=pc.field("image_id").isin(list(image_ids)) & pc.field("error").is_null(),
-        )
-        return table_to_arrays(table, order=image_ids)
+        dataset, args = self._scan_args(image_ids)
+        return table_to_arrays(dataset.to_table(**args), order=image_ids)
 
-    def iter_arrays(self, image_ids: Sequence[str], batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, list[str]]]:
+    def iter_arrays(self, image_ids: Sequence[str], batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
         """`load_arrays` as a stream: (images, masks, ids) of at most `batch_size` rows at a time,
-        in the cache's row order, holding one Parquet record batch in memory (not the whole set)."""
+        in the cache's row order, from one scan holding one Parquet record batch in memory (not
+        the whole set). Raises CacheError at the end when some of `image_ids` were not found."""
         if batch_size < 1:
             raise ValueError(f"iter_arrays: batch_size must be >= 1, got {batch_size}")
-        fs, path = storage.filesystem_and_path(self.data_uri)
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        scanner = dataset.scanner(
-            columns=["image_id", "channels", "size", "image", "mask"],
-            filter=pc.field("image_id").isin(pa.array(list(image_ids), pa.string())) & pc.field("error").is_null(),
-            batch_size=max(batch_size, 64),
-        )
-        for record_batch in scanner.to_batches():
+        wanted = set(image_ids)
+        dataset, args = self._scan_args(wanted)
+        seen = 0
+        for record_batch in dataset.scanner(batch_size=max(batch_size, 64), **args).to_batches():
             for start in range(0, record_batch.num_rows, batch_size):
                 chunk = pa.Table.from_batches([record_batch.slice(start, batch_size)])
                 if chunk.num_rows:
+                    seen += chunk.num_rows
                     yield table_to_arrays(chunk)
+        if seen != len(wanted):
+            raise CacheError(f"{self.uri}: found {seen} of {len(wanted)} images of the split")
 
 
 def table_to_arrays(table: pa.Table, order: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:

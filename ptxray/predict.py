@@ -32,7 +32,7 @@ import io
 import json
 import logging
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ptxray import storage
-from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest, table_to_arrays
+from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest
 from ptxray.config import PreprocessConfig
 from ptxray.dicom import DicomError, Scan
 from ptxray.masks import encode_rle
@@ -432,27 +432,6 @@ def resolve_cache(run: Run, cache: str | None = None) -> Cache:
     return found
 
 
-def iter_cache_arrays(cache: Cache, image_ids: Sequence[str], batch_rows: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """(images uint8 (B, C, S, S), masks uint8 (B, S, S), ids) for `image_ids`, streamed in one scan."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, path = storage.filesystem_and_path(cache.data_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    wanted = set(image_ids)
-    seen = 0
-    for rb in dataset.to_batches(
-        columns=["image_id", "channels", "size", "image", "mask"],
-        filter=pc.field("image_id").isin(list(wanted)) & pc.field("error").is_null(),
-        batch_size=batch_rows,
-    ):
-        if rb.num_rows:
-            seen += rb.num_rows
-            yield table_to_arrays(pa.Table.from_batches([rb]))
-    if seen != len(wanted):
-        raise CacheError(f"{cache.uri}: found {seen} of {len(wanted)} images of the split")
-
-
 def compute_oof(run: Run, cache: Cache, *, device: str | None = None, tta: bool = True, batch_size: int = 16) -> OofStats:
     """Each fold model on its own validation split, reduced to `OofStats`."""
     parts = []
@@ -461,7 +440,7 @@ def compute_oof(run: Run, cache: Cache, *, device: str | None = None, tta: bool 
         ensemble = Ensemble([model], device, tta=tta, amp=cfg.compute.amp)
         _, val_ids = cache.split_ids(ref.fold)
         n = 0
-        for images, masks, ids in iter_cache_arrays(cache, val_ids, batch_size):
+        for images, masks, ids in cache.iter_arrays(val_ids, batch_size):
             prob, cls_prob = ensemble.predict(images)
             parts.append(stats_from_probs(quantize(prob), masks, cls_prob, ids, ref.fold))
             n += len(ids)
@@ -516,7 +495,6 @@ __all__ = [
     "encode_png",
     "find_thresholds",
     "full_size_mask",
-    "iter_cache_arrays",
     "load_or_compute_oof",
     "overlay",
     "preprocess_dicom",

@@ -37,7 +37,7 @@ from ptxray.postprocess import (
     quantize,
     search_thresholds,
 )
-from ptxray.predict import Ensemble, encode_png, iter_cache_arrays, load_or_compute_oof, overlay, resolve_cache
+from ptxray.predict import Ensemble, encode_png, load_or_compute_oof, overlay, resolve_cache
 from ptxray.runs import Run, load_fold_model, open_run
 
 log = logging.getLogger("ptxray")
@@ -178,7 +178,7 @@ def predict_cases(run: Run, cache_uri: str | None, stats: OofStats, indices: Seq
     for fold, idx in by_fold.items():
         ensemble = Ensemble([load_fold_model(refs[fold])[0]], device, tta=tta)
         where = {str(stats.image_ids[i]): i for i in idx}
-        for images, masks, ids in iter_cache_arrays(cache, list(where)):
+        for images, masks, ids in cache.iter_arrays(list(where)):
             prob, cls_prob = ensemble.predict(images)
             pred = th.masks(quantize(prob), cls_prob)  # bool (B, S, S)
             for j, image_id in enumerate(ids):

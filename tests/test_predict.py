@@ -21,7 +21,7 @@ from ptxray.cli import main
 from ptxray.dicom import read_dicom_file
 from ptxray.masks import decode_rle
 from ptxray.postprocess import Thresholds, per_image_dice, search_thresholds
-from ptxray.predict import Ensemble, compute_oof, iter_cache_arrays, load_or_compute_oof, resolve_cache, run_predict
+from ptxray.predict import Ensemble, compute_oof, load_or_compute_oof, resolve_cache, run_predict
 from ptxray.runs import load_fold_models, open_run
 
 SAMPLE = Path(__file__).parent / "data" / "siim-sample" / "sample-images"
@@ -183,7 +183,7 @@ def test_predict_errors_are_named(tmp_path, capsys):
 def test_ensemble_on_cuda_matches_cpu(trained_run):
     run = open_run(str(trained_run))
     cache = resolve_cache(run)
-    images, _, _ = next(iter_cache_arrays(cache, cache.split_ids(0)[1], 8))
+    images, _, _ = next(cache.iter_arrays(cache.split_ids(0)[1], 8))
     models = [m for _, m in load_fold_models(run)]
     prob_cpu, cls_cpu = Ensemble(models, "cpu").predict(images)
     prob_gpu, cls_gpu = Ensemble([m for _, m in load_fold_models(run)], "cuda", amp=False).predict(images)

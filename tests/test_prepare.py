@@ -88,6 +88,8 @@ def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
     np.testing.assert_array_equal(np.concatenate([ch[0] for ch in chunks]), all_imgs)
     np.testing.assert_array_equal(np.concatenate([ch[1] for ch in chunks]), all_masks)
     assert list(c.iter_arrays([], batch_size=4)) == []
+    with pytest.raises(cache_mod.CacheError, match="found 1 of 2 images"):
+        list(c.iter_arrays([train[0], "no-such-image"], batch_size=4))
     with pytest.raises(ValueError, match="batch_size"):
         next(iter(c.iter_arrays(train, batch_size=0)))
 
