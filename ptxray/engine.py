@@ -262,7 +262,6 @@ def train_epoch(
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    use_channels_last = channels_last
     model.train()
     core = unwrap_model(model)
     # Detection-style models (maskrcnn) compute their own training loss from the masks and make no
@@ -282,7 +281,7 @@ def train_epoch(
         except StopIteration:
             break
         data_wait += time.perf_counter() - t0
-        image, mask, label = _batch_to_device(batch, device, use_channels_last)
+        image, mask, label = _batch_to_device(batch, device, channels_last)
         if image.shape[0] < 2:
             # A trailing one-image batch: BatchNorm cannot normalise a single sample in train mode
             # (deeplabv3's pooled ASPP branch raises). Skipped on every rank alike, because DDP
@@ -358,7 +357,6 @@ def evaluate(
     """SegMetrics over all batches, all-reduced over ranks, keys prefixed `val_` (+ `val_loss` with loss_fn)."""
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    use_channels_last = channels_last
     # The plain module: DDP's forward would sync buffers, a collective that hangs when ranks hold
     # different numbers of validation batches.
     core = unwrap_model(model)
@@ -368,7 +366,7 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss * images, images]
     try:
         for batch in batches:
-            image, mask, label = _batch_to_device(batch, device, use_channels_last)
+            image, mask, label = _batch_to_device(batch, device, channels_last)
             with _autocast(device, use_amp):
                 seg_logits, cls_logits = _forward(core, image)
             seg_logits, cls_logits = seg_logits.float(), cls_logits.float()

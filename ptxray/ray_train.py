@@ -192,24 +192,22 @@ def run_fold(cfg: Config, cache_uri: str, *, run_name: str, storage_path: str | 
 def _shard_batches(
     shard: Any,
     batch_size: int,
-    pipeline: Any = None,
-    rng: np.random.Generator | None = None,
-    oversample: tuple[PositiveReservoir, float] | None = None,
-    counts: dict[str, int] | None = None,
+    pipeline: Any,
+    rng: np.random.Generator,
+    oversample: tuple[PositiveReservoir, float] | None,
+    counts: dict[str, int],
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches from a Ray Data shard of cache rows; shuffled and augmented when rng is given, with
-    negatives swapped for earlier positives up to the target rate when `oversample` = (reservoir, rate)."""
-    shuffle = {}
-    if rng is not None:
-        # A few batches of rows: shuffles within and across the blocks streaming in, bounded memory.
-        shuffle = dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(2**31)))
+    """Training batches from a Ray Data shard of cache rows: shuffled, augmented, with negatives
+    swapped for earlier positives up to the target rate when `oversample` = (reservoir, rate);
+    `counts` accumulates the rows and positives streamed."""
+    # A few batches of rows: shuffles within and across the blocks streaming in, bounded memory.
+    shuffle = dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(2**31)))
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **shuffle):
         images, masks, _ = table_to_arrays(table)  # (B, C, S, S), (B, S, S)
-        if oversample is not None and rng is not None:
+        if oversample is not None:
             images, masks = oversample[0].apply(images, masks, oversample[1], rng)
-        if counts is not None:
-            counts["rows"] += len(masks)
-            counts["positive"] += int(masks.reshape(len(masks), -1).any(axis=1).sum())
+        counts["rows"] += len(masks)
+        counts["positive"] += int(masks.reshape(len(masks), -1).any(axis=1).sum())
         yield augmented_batch(images, masks, pipeline, rng)
 
 
