@@ -398,8 +398,8 @@ def save_search(result: SearchResult, uri: str, extra: dict[str, Any] | None = N
     storage.write_bytes_atomic(uri, json.dumps(doc, indent=1).encode())
 
 
-def load_thresholds(uri: str, rule: str = "chosen") -> Thresholds | None:
-    """The stored thresholds of `rule` ("chosen" = the best rule), or None when the file is absent."""
+def read_thresholds_doc(uri: str) -> dict[str, Any] | None:
+    """The stored search (`save_search`'s document), or None when the file is absent."""
     try:
         with storage.open_input_stream(uri) as f:
             doc = json.loads(f.read())
@@ -407,11 +407,22 @@ def load_thresholds(uri: str, rule: str = "chosen") -> Thresholds | None:
         return None
     if doc.get("format") != THRESHOLDS_FORMAT:
         raise ValueError(f"{uri}: unknown thresholds format {doc.get('format')!r}")
+    return doc
+
+
+def thresholds_from_doc(doc: dict[str, Any], uri: str, rule: str = "chosen") -> Thresholds:
+    """The thresholds of `rule` ("chosen" = the best rule) in a stored search read from `uri`."""
     if rule == "chosen":
         rule = doc["chosen"]
     if rule not in doc["rules"]:
         raise ValueError(f"{uri}: no thresholds for rule {rule!r} (stored: {sorted(doc['rules'])})")
     return Thresholds.from_dict({**doc["rules"][rule], "source": uri})
+
+
+def load_thresholds(uri: str, rule: str = "chosen") -> Thresholds | None:
+    """The stored thresholds of `rule` ("chosen" = the best rule), or None when the file is absent."""
+    doc = read_thresholds_doc(uri)
+    return None if doc is None else thresholds_from_doc(doc, uri, rule)
 
 
 __all__ = [
@@ -429,6 +440,8 @@ __all__ = [
     "dice_table",
     "first_level_above",
     "load_thresholds",
+    "read_thresholds_doc",
+    "thresholds_from_doc",
     "per_image_dice",
     "quantize",
     "save_search",

@@ -53,11 +53,12 @@ from ptxray.postprocess import (
     Thresholds,
     default_thresholds,
     first_level_above,
-    load_thresholds,
     quantize,
+    read_thresholds_doc,
     save_search,
     search_thresholds,
     stats_from_probs,
+    thresholds_from_doc,
 )
 from ptxray.preprocess import channels_from_config
 from ptxray.runs import FoldEnsemble, Run, RunError, load_fold_model, open_run
@@ -261,10 +262,10 @@ def run_thresholds(run: Run, rule: str = "chosen", thresholds: Thresholds | None
     size = run.config.preprocess.image_size_px
     if thresholds is None:
         uri = storage.join(run.run_dir, THRESHOLDS_FILE)
-        thresholds = load_thresholds(uri, rule)
-        if thresholds is not None:
-            with storage.open_input_stream(uri) as f:
-                searched_on = json.loads(f.read()).get("oof", {}).get("checkpoints")
+        doc = read_thresholds_doc(uri)
+        if doc is not None:
+            thresholds = thresholds_from_doc(doc, uri, rule)
+            searched_on = doc.get("oof", {}).get("checkpoints")
             if searched_on is not None and searched_on != {str(r.fold): r.best for r in run.folds}:
                 log.warning("%s was searched on other fold checkpoints than the run's; rerun `ptxray thresholds --run %s`", uri, run.run_dir)
     if thresholds is None:
