@@ -31,6 +31,7 @@ from ptxray.postprocess import (
     THRESHOLDS_FILE,
     OofStats,
     Thresholds,
+    competition_dice,
     first_level_above,
     load_thresholds,
     per_image_dice,
@@ -181,11 +182,10 @@ def predict_cases(run: Run, cache_uri: str | None, stats: OofStats, indices: Seq
         for images, masks, ids in cache.iter_arrays(list(where)):
             prob, cls_prob = ensemble.predict(images)
             pred = th.masks(quantize(prob), cls_prob)  # bool (B, S, S)
+            true = masks != 0
+            dice = competition_dice((pred & true).sum(axis=(1, 2)), pred.sum(axis=(1, 2)), true.sum(axis=(1, 2)))
             for j, image_id in enumerate(ids):
-                true = masks[j] != 0
-                inter, n_pred, n_true = int((pred[j] & true).sum()), int(pred[j].sum()), int(true.sum())
-                dice = 1.0 if n_pred + n_true == 0 else 2 * inter / (n_pred + n_true)
-                out[where[image_id]] = {"image": images[j, 0], "pred": pred[j], "true": true, "dice": dice, "cls_prob": float(cls_prob[j])}
+                out[where[image_id]] = {"image": images[j, 0], "pred": pred[j], "true": true[j], "dice": float(dice[j]), "cls_prob": float(cls_prob[j])}
     return out
 
 
