@@ -22,7 +22,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ptxray import __version__, storage
+from ptxray.cache import list_dicoms
 from ptxray.dicom import DicomError
 from ptxray.runs import FoldEnsemble
 
@@ -94,26 +94,18 @@ def _same_model_settings(cfgs: list[Any], run_dir: str, folds: list[int]) -> Non
 
 
 def _first_dicom(root: str) -> str | None:
-    """The first *.dcm (in sorted order) under a local folder or s3:// prefix; None if there is none."""
+    """The first DICOM (in the ingest listing's order) under a local folder or s3:// prefix; None
+    if there is none or the root cannot be listed."""
     if not root:
         return None
     try:
-        if not storage.is_uri(root):
-            for folder, dirs, files in os.walk(Path(root).expanduser()):
-                dirs.sort()
-                for name in sorted(files):
-                    if name.lower().endswith(".dcm"):
-                        return str(Path(folder) / name)
-            return None
-        from pyarrow import fs as pafs
-
-        filesystem, path = storage.filesystem_and_path(root)
-        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(".dcm"))
-        return f"{root.split('://', 1)[0]}://{found[0]}" if found else None
+        _, paths, _ = list_dicoms(root)
     except OSError as e:
         logger.warning("cannot list %s for a check image (%s)", root, e)
         return None
+    if not paths:
+        return None
+    return f"{root.split('://', 1)[0]}://{paths[0]}" if storage.is_uri(root) else paths[0]
 
 
 def _real_batch(check_dicom: str, cfg: Any) -> np.ndarray:

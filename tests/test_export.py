@@ -316,3 +316,14 @@ def test_cli_export(kfold_run, tmp_path, capsys):
     rc = main(["export", "--run", str(kfold_run), "--fold", "9", "--out", str(tmp_path / "m.onnx")])
     assert rc == 2 and "no fold 9" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_first_dicom_uses_the_ingest_listing(tmp_path):
+    from ptxray.cache import list_dicoms
+    from ptxray.export import _first_dicom
+
+    first = _first_dicom(str(SAMPLES))
+    assert first == list_dicoms(str(SAMPLES))[1][0] and first.endswith(".dcm") and Path(first).is_file()
+    assert _first_dicom(str(tmp_path)) is None  # an empty folder
+    assert _first_dicom(str(tmp_path / "missing")) is None  # logged, not raised
+    assert _first_dicom("") is None
