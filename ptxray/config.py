@@ -116,7 +116,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ComputeConfig:
     address: str = ""  # Ray address; "" = an embedded local Ray
-    num_workers: int = 1  # Ray Train workers per trial
+    num_workers: int = 1  # Ray Train workers per trial; 0 = each Tune trial trains in its own process
     use_gpu: bool = False
     cpus_per_worker: int = 1
     storage_path: str = "runs"  # local folder or s3://bucket/prefix

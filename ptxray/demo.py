@@ -45,9 +45,9 @@ def run_demo(workdir: Path, n: int = 400, seed: int = 0) -> int:
             "--max-concurrent-trials", "2",
         ]
     )
-    # More logical CPUs than a 2-core laptop has: two 1-CPU trials train at once (the two cores),
-    # and the light Ray Data reads and metadata tasks that feed them must always find a free CPU,
-    # or a trial waits forever.
+    # More logical CPUs than a 2-core laptop has: two 1-CPU trials train at once (the two cores,
+    # --max-concurrent-trials 2), and the job's light tasks (the cache's Ray Data pipeline, and
+    # the reads feeding Ray Train workers if the config asks for workers) always find a free CPU.
     cluster = ray_cluster.start_local_cluster(workdir / "cluster", num_cpus=4)
     try:
         print(f"Ray dashboard: {cluster.dashboard_url}  (token in {cluster.token_path})", flush=True)

@@ -156,7 +156,10 @@ def make_trainer(
         raise ValueError(f"make_trainer: run_name must be a non-empty folder name, got {run_name!r}")
     compute = cfg.compute
     if compute.num_workers < 1:
-        raise ValueError(f"compute.num_workers: must be >= 1, got {compute.num_workers}")
+        raise ValueError(
+            f"compute.num_workers: a TorchTrainer needs at least 1 worker, got {compute.num_workers} "
+            "(0 trains inside each Tune trial's own process: ptxray tune / jobs/kfold.py)"
+        )
     _check_cache_channels(cfg, cache_uri)
     train_ds = ray_data.train_dataset(cache_uri, cfg.train.fold)
     path, filesystem = storage_for_ray(storage_path or compute.storage_path)
@@ -352,7 +355,9 @@ class ShardStreams:
                 stream.close()
 
 
-def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+def report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`engine.fit`'s epoch metrics as Ray reports them: plain floats (NaN for None), `epoch` and
+    `epochs_completed` as ints, plus `data_wait_fraction`."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():
         if key in _INT_METRICS:
@@ -372,12 +377,51 @@ def _write_json_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
-def _restore(checkpoint: Any, into: Path) -> Path:
+def stage_checkpoint(run_dir: Path, into: Path) -> None:
+    """Copy the run folder's `CHECKPOINT_FILES` (those that exist) into `into`: what an epoch reports."""
+    for rel in CHECKPOINT_FILES:
+        src = run_dir / rel
+        if src.exists():
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, into / rel)
+
+
+def restore_checkpoint(checkpoint: Any, into: Path) -> Path:
+    """Download a reported checkpoint into `into`; returns its `checkpoints/last.pt`."""
     local = Path(checkpoint.to_directory(str(into)))
     last = local / "checkpoints" / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"{checkpoint.path}: the reported checkpoint has no checkpoints/last.pt to resume from")
     return last
+
+
+class DebugHooks:
+    """The test hooks of a train loop config (`debug_dir`, `debug_hold_after_epoch`; module doc),
+    shared by Ray Train workers and trials that train in their own process (ptxray.ray_tune)."""
+
+    def __init__(self, config: dict[str, Any], rank: int, resumed: bool):
+        self.dir = Path(config["debug_dir"]) if config.get("debug_dir") else None
+        self.hold_after = config.get("debug_hold_after_epoch")
+        self.rank, self.resumed = rank, resumed
+
+    def started(self) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        start = {"rank": self.rank, "pid": os.getpid(), "resumed": self.resumed,
+                 "threads": torch.get_num_threads(), "time": time.time()}  # fmt: skip
+        (self.dir / f"start-rank{self.rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
+
+    def epoch_reported(self, epoch: int, report: dict[str, Any], ended: float) -> None:
+        if self.dir is None:
+            return
+        record = {"rank": self.rank, "pid": os.getpid(), "time": ended, "metrics": report}
+        _write_json_line(self.dir / f"epochs-rank{self.rank}.jsonl", record)
+        if self.hold_after is not None and epoch == int(self.hold_after) and not self.resumed:
+            (self.dir / f"held-rank{self.rank}-pid{os.getpid()}").touch()
+            deadline = time.time() + 300
+            while not (self.dir / "release").exists() and time.time() < deadline:
+                time.sleep(0.2)
 
 
 def _resolve_auto_batch_size(cfg: Config, device: torch.device, n_train: int, ctx: Any) -> Config:
@@ -411,21 +455,16 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    debug_dir = Path(config["debug_dir"]) if config.get("debug_dir") else None
-    hold_after = config.get("debug_hold_after_epoch")
     work = Path(tempfile.mkdtemp(prefix=f"ptxray-rank{rank}-"))
     streams: ShardStreams | None = None
     try:
         resume_from = None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            resume_from = _restore(checkpoint, work / "restored")
+            resume_from = restore_checkpoint(checkpoint, work / "restored")
             log.info("rank %d: resuming from %s", rank, checkpoint.path)
-        if debug_dir is not None:
-            debug_dir.mkdir(parents=True, exist_ok=True)
-            start = {"rank": rank, "pid": os.getpid(), "resumed": checkpoint is not None,
-                     "threads": torch.get_num_threads(), "time": time.time()}
-            (debug_dir / f"start-rank{rank}-pid{os.getpid()}.json").write_text(json.dumps(start))
+        debug = DebugHooks(config, rank, resumed=checkpoint is not None)
+        debug.started()
 
         cache = Cache.open(config["cache"])
         train_labels = cache.train_labels(cfg.train.fold)
@@ -462,16 +501,12 @@ def train_loop_per_worker(config: dict) -> None:
 
         def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
             ended = time.time()
-            report = _report_metrics(metrics)
+            report = report_metrics(metrics)
             report["train_positive_fraction"] = streams.positive_fraction(epoch)
             if rank == 0:
                 assert run_dir is not None
                 with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
-                    for rel in CHECKPOINT_FILES:
-                        src = run_dir / rel
-                        if src.exists():
-                            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-                            shutil.copy2(src, Path(tmp) / rel)
+                    stage_checkpoint(run_dir, Path(tmp))
                     ray.train.report(
                         report,
                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -479,14 +514,7 @@ def train_loop_per_worker(config: dict) -> None:
                     )
             else:
                 ray.train.report(report)
-            if debug_dir is not None:
-                record = {"rank": rank, "pid": os.getpid(), "time": ended, "metrics": report}
-                _write_json_line(debug_dir / f"epochs-rank{rank}.jsonl", record)
-                if hold_after is not None and epoch == int(hold_after) and checkpoint is None:
-                    (debug_dir / f"held-rank{rank}-pid{os.getpid()}").touch()
-                    deadline = time.time() + 300
-                    while not (debug_dir / "release").exists() and time.time() < deadline:
-                        time.sleep(0.2)
+            debug.epoch_reported(epoch, report, ended)
 
         fit(
             model,
@@ -506,4 +534,7 @@ def train_loop_per_worker(config: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["CHECKPOINTS_TO_KEEP", "Prefetch", "ShardStreams", "prefetch_depth", "make_trainer", "run_fold", "storage_for_ray", "train_loop_per_worker", "worker_resources"]
+__all__ = [
+    "CHECKPOINTS_TO_KEEP", "DebugHooks", "Prefetch", "ShardStreams", "make_trainer", "prefetch_depth", "report_metrics",
+    "restore_checkpoint", "run_fold", "stage_checkpoint", "storage_for_ray", "train_loop_per_worker", "worker_resources",
+]  # fmt: skip

@@ -1,8 +1,15 @@
 """K-fold x hyperparameter grid experiments on Ray Tune, with ASHA per fold, resumable.
 
-One experiment = `search.grid` crossed with the folds. Every trial is a Tune function trainable
-that builds and fits a Ray Train `TorchTrainer` (Ray Train V2: Train-in-Tune, not
-`Tuner(trainer)`), named after the Tune trial id so a restarted trial finds its checkpoints.
+One experiment = `search.grid` crossed with the folds. Every trial is a Tune function trainable.
+With `compute.num_workers` >= 1 it builds and fits a Ray Train `TorchTrainer` (Ray Train V2:
+Train-in-Tune, not `Tuner(trainer)`), named after the Tune trial id so a restarted trial finds its
+checkpoints. With `compute.num_workers: 0` (Ray Train's own convention for "no worker group") the
+trial trains in its own process, like `ptxray train` in-process, and reports each epoch with its
+checkpoint to Tune; a trial that dies is restarted by Tune from that checkpoint
+(`compute.max_failures` times). That saves the eight actors a TorchTrainer starts per trial
+(controller, worker, split coordinator, placement-group cleaner, synchronization, dataset manager,
+preemption watcher, Tune queue): about 20 CPU-seconds each trial on a 2-core machine, measured in
+`make demo`, where a trial trains for about a minute.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,28 +114,66 @@ def _train_storage(cfg: Config) -> str:
     return cfg.compute.storage_path.rstrip("/") + f"/{cfg.search.name}.train"
 
 
-def _trainable(trial_params: dict[str, Any], base: dict[str, Any], cache_uri: str) -> None:
+def _trainable(trial_params: dict[str, Any], base: dict[str, Any], cache_uri: str, debug: str | None = None) -> None:
+    cfg = trial_config(config_from_dict(base), trial_params)
+    trial_id = tune.get_context().get_trial_id()
+    hooks = _debug_hooks(cfg, trial_id, debug)
+    if cfg.compute.num_workers == 0:
+        _train_in_trial(cfg, cache_uri, hooks)
+        return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ptxray import ray_train
 
-    cfg = trial_config(config_from_dict(base), trial_params)
-    trial_id = tune.get_context().get_trial_id()
     trainer = ray_train.make_trainer(
         cfg, cache_uri, run_name=f"trial-{trial_id}", storage_path=_train_storage(cfg), callbacks=[TuneReportCallback()]
     )
-    trainer.train_loop_config.update(_debug_hooks(cfg, trial_id))
+    trainer.train_loop_config.update(hooks)
     trainer.fit()
+
+
+def _train_in_trial(cfg: Config, cache_uri: str, debug_config: dict[str, Any]) -> None:
+    """`compute.num_workers: 0`: fit the fold here (`runner.train_fold`: the fold's arrays in memory,
+    exact positive oversampling), reporting every epoch to Tune with its checkpoint (last.pt,
+    best.pt, config.yaml, metrics.jsonl); a restarted trial continues from Tune's latest one."""
+    import shutil
+    import tempfile
+
+    from ptxray import ray_train, runner
+
+    work = Path(tempfile.mkdtemp(prefix="ptxray-trial-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        resume_from = None
+        if checkpoint is not None:
+            resume_from = ray_train.restore_checkpoint(checkpoint, work / "restored")
+            log.info("trial resumes from %s", checkpoint.path)
+        debug = ray_train.DebugHooks(debug_config, 0, resumed=checkpoint is not None)
+        debug.started()
+        run_dir = work / "run"
+
+        def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
+            ended = time.time()
+            report = ray_train.report_metrics(metrics)
+            with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
+                ray_train.stage_checkpoint(run_dir, Path(tmp))
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+            debug.epoch_reported(epoch, report, ended)
+
+        runner.train_fold(cfg, cache_uri, run_dir, resume=False, resume_from=resume_from, on_epoch_end=on_epoch_end)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 DEBUG_ENV = "PTXRAY_DEBUG_TRAIN"
 
 
-def _debug_hooks(cfg: Config, trial_id: str) -> dict[str, Any]:
+def _debug_hooks(cfg: Config, trial_id: str, spec: str | None = None) -> dict[str, Any]:
     """Test hook, never set in production: `PTXRAY_DEBUG_TRAIN={"debug_dir": D, "fold": k,
-    "hold_after_epoch": e}` in the job's environment hands ray_train's debug hooks to the trials of
-    fold k (debug files under D/<trial id>), so a test can kill a job driver at a known point."""
-    spec = os.environ.get(DEBUG_ENV)
+    "hold_after_epoch": e}` in the job's environment (or the same JSON as `run_experiment`'s
+    `debug_hooks`) hands ray_train's debug hooks to the trials of fold k (debug files under
+    D/<trial id>), so a test can kill a job driver or a trial at a known point."""
+    spec = spec or os.environ.get(DEBUG_ENV)
     if not spec:
         return {}
     hooks = json.loads(spec)
@@ -140,17 +186,32 @@ def _debug_hooks(cfg: Config, trial_id: str) -> dict[str, Any]:
 
 
 def default_max_concurrent_trials(cfg: Config) -> int:
-    """How many trials fit the cluster at once, given the workers each trial's TorchTrainer asks for."""
+    """How many trials fit the cluster at once, given what each trial asks for (`trial_resources`)."""
     resources = ray.cluster_resources()
     if cfg.compute.use_gpu:
-        per_trial, available = cfg.compute.num_workers, resources.get("GPU", 0)
+        per_trial, available = max(cfg.compute.num_workers, 1), resources.get("GPU", 0)
+    elif cfg.compute.num_workers == 0:
+        # The trial trains in its own process and reads the cache itself: no Ray Data tasks.
+        per_trial, available = max(cfg.compute.cpus_per_worker, 1), resources.get("CPU", 0)
     else:
         # One CPU stays free for the Ray Data tasks that stream the cache into the workers: with
         # every CPU held by Train workers, those reads never schedule and all trials stall.
         # Workers that reserve no CPU (cpus_per_worker=0) still compute on one: count one each.
         per_trial = cfg.compute.num_workers * max(cfg.compute.cpus_per_worker, 1)
         available = resources.get("CPU", 0) - 1
-    return max(1, math.floor(available / max(per_trial, 1e-9)))
+    return max(1, math.floor(available / per_trial))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial's own process reserves. A TorchTrainer trial only drives its workers, which hold
+    the CPUs/GPUs (Tune refuses an empty request, hence a token CPU); a trial that trains itself
+    (num_workers 0) holds `cpus_per_worker` CPUs (so Ray sets its OMP/torch threads) and the GPU."""
+    if cfg.compute.num_workers > 0:
+        return {"CPU": 0.01}
+    out = {"CPU": float(cfg.compute.cpus_per_worker) or 0.01}
+    if cfg.compute.use_gpu:
+        out["GPU"] = 1.0
+    return out
 
 
 def build_scheduler(cfg: Config) -> TrialScheduler:
@@ -179,16 +240,24 @@ def experiment_path(cfg: Config) -> str:
     return cfg.compute.storage_path.rstrip("/") + "/" + cfg.search.name
 
 
-def run_experiment(cfg: Config, cache_uri: str, *, max_concurrent_trials: int | None = None, print_table: bool = True) -> dict[str, Any]:
-    """Run (or resume) the experiment named `search.name`; returns the summary (also saved and printed)."""
+def run_experiment(
+    cfg: Config,
+    cache_uri: str,
+    *,
+    max_concurrent_trials: int | None = None,
+    print_table: bool = True,
+    debug_hooks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment named `search.name`; returns the summary (also saved and printed).
+    `debug_hooks`: a test hook, see `_debug_hooks`."""
     from ptxray.ray_train import storage_for_ray
 
     storage_path, fs = storage_for_ray(cfg.compute.storage_path)
     path = experiment_path(cfg)
     exp_dir = storage_path.rstrip("/") + "/" + cfg.search.name  # as Ray sees it (bucket/key on S3)
-    trainable = tune.with_parameters(_trainable, base=cfg.to_dict(), cache_uri=cache_uri)
-    # The trial's own process only drives the TorchTrainer; the workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # Tune refuses an empty request
+    debug = json.dumps(debug_hooks) if debug_hooks else None
+    trainable = tune.with_parameters(_trainable, base=cfg.to_dict(), cache_uri=cache_uri, debug=debug)
+    trainable = tune.with_resources(trainable, trial_resources(cfg))
     space = param_space(cfg)
     if tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
         log.info("resuming experiment %s: finished trials are kept, unfinished ones continue from their checkpoints", path)
@@ -216,6 +285,10 @@ def run_experiment(cfg: Config, cache_uri: str, *, max_concurrent_trials: int | 
                 storage_filesystem=fs,
                 callbacks=_callbacks(),
                 verbose=1,
+                # Trials that train in their own process checkpoint through Tune: a dead trial
+                # restarts from its latest checkpoint. (TorchTrainer trials retry inside Ray Train.)
+                failure_config=tune.FailureConfig(max_failures=cfg.compute.max_failures if cfg.compute.num_workers == 0 else 0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
     results = tuner.fit()
@@ -225,7 +298,9 @@ def run_experiment(cfg: Config, cache_uri: str, *, max_concurrent_trials: int | 
         history = []
         if r.metrics_dataframe is not None and len(r.metrics_dataframe):
             history = r.metrics_dataframe.to_dict("records")
-        ckpt = (r.metrics or {}).get("checkpoint_path")
+        # TorchTrainer trials pass their Ray Train checkpoint's path as a metric; trials that
+        # train themselves report their checkpoints to Tune.
+        ckpt = (r.metrics or {}).get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
         if ckpt and fs is not None and not str(ckpt).startswith("s3://"):
             ckpt = "s3://" + str(ckpt).lstrip("/")
         records.append(

@@ -102,9 +102,20 @@ def make_batch_fns(
 
 
 def train_fold(
-    cfg: Config, cache_uri: str, run_dir: str | Path, *, resume: bool = True, device: str | None = None, progress: bool = False
+    cfg: Config,
+    cache_uri: str,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    device: str | None = None,
+    progress: bool = False,
+    resume_from: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any], str | None], None] | None = None,
 ) -> FitResult:
-    """Train `cfg.train.fold` of the cache; writes config, metrics.jsonl and checkpoints to run_dir."""
+    """Train `cfg.train.fold` of the cache; writes config, metrics.jsonl and checkpoints to run_dir.
+
+    `resume_from` and `on_epoch_end` go to `engine.fit` (a Tune trial that trains in its own
+    process resumes from its restored checkpoint and reports each epoch through them)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.compute.use_gpu else "cpu"))
     data = FoldData.load(cache_uri, cfg.train.fold)
     if data.train_images.shape[1] != cfg.model.in_channels:
@@ -126,5 +137,5 @@ def train_fold(
     train_batches, val_batches = make_batch_fns(cfg, data, progress=progress)
     return fit(
         model, cfg, train_batches, val_batches, run_dir=run_dir, device=dev, resume=resume,
-        steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)),
+        steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)), resume_from=resume_from, on_epoch_end=on_epoch_end,
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +28,14 @@ def smoke_cache(ray_local, synth_dataset, tmp_path_factory):
     return summary["cache"]
 
 
-def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache, tmp_path):
+@pytest.mark.parametrize("num_workers", [1, 0], ids=["ray-train-worker", "in-trial"])
+def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache, tmp_path, num_workers):
     from ptxray import ray_tune
 
     cfg = load_config(
         "smoke",
         {
+            "compute.num_workers": num_workers,
             "model.base_filters": 8,
             "train.epochs": 3,
             "train.batch_size": 4,
@@ -61,10 +67,69 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
     for fold, ckpt in summary["best"]["fold_checkpoints"].items():
         state = load_checkpoint(Path(ckpt) / "checkpoints" / "last.pt")
         assert state["config"]["train"]["fold"] == fold
+        assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+        assert (Path(ckpt) / "checkpoints" / "best.pt").exists()
+        # A TorchTrainer's checkpoints live in Ray Train's storage; a trial that trains itself
+        # reports them to Tune, into its own trial folder.
+        assert (".train/" in ckpt) == (num_workers > 0), ckpt
 
     saved = json.loads(Path(summary["files"]["json"]).read_text())
     assert saved["best"]["params"] == {"optim.lr": 3e-3}
     assert Path(summary["files"]["csv"]).read_text().count("\n") == 3
+
+
+def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_local, smoke_cache, tmp_path):
+    from ptxray import ray_tune
+
+    cfg = load_config(
+        "smoke",
+        {
+            "compute.num_workers": 0,
+            "compute.max_failures": 1,
+            "model.base_filters": 8,
+            "train.epochs": 3,
+            "augment.recipe": "none",
+            "compute.storage_path": str(tmp_path / "runs"),
+            "search.name": "killed-trial",
+            "search.folds": [0],
+            "search.early_stop": False,
+        },
+    )
+    debug = tmp_path / "debug"
+    killed: list[int] = []
+
+    def kill_the_trial_after_its_first_checkpoint():
+        # A function trainable's report returns only once Tune has processed the result and
+        # registered its checkpoint: a held trial has checkpointed epoch 0.
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for held in debug.glob("*/held-rank0-pid*"):
+                pid = int(held.name.rsplit("pid", 1)[1])
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_the_trial_after_its_first_checkpoint, daemon=True)
+    watcher.start()
+    summary = ray_tune.run_experiment(cfg, smoke_cache, print_table=False, debug_hooks={"debug_dir": str(debug), "hold_after_epoch": 0})
+    watcher.join(timeout=5)
+
+    assert killed, "the trial never reached its hold after epoch 0"
+    (trial_debug,) = debug.iterdir()
+    records = [json.loads(line) for line in (trial_debug / "epochs-rank0.jsonl").read_text().splitlines()]
+    # Epoch 0 once, by the killed process; then 1 and 2 by its replacement, resumed from epoch 0.
+    assert [r["metrics"]["epoch"] for r in records] == [0, 1, 2]
+    assert records[0]["pid"] == killed[0] and records[1]["pid"] == records[2]["pid"] != killed[0]
+    starts = sorted(json.loads(p.read_text())["resumed"] for p in trial_debug.glob("start-rank0-pid*.json"))
+    assert starts == [False, True]
+    # Ray sets a 1-CPU trial's threads to 1.
+    assert {json.loads(p.read_text())["threads"] for p in trial_debug.glob("start-rank0-pid*.json")} == {1}
+
+    (row,) = summary["rows"]
+    assert row["folds_completed"] == 1 and row["epochs_max"] == 3, row
+    state = load_checkpoint(Path(summary["best"]["fold_checkpoints"][0]) / "checkpoints" / "last.pt")
+    assert state["epochs_completed"] == 3 and [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert state["history"][0]["train_loss"] == records[0]["metrics"]["train_loss"], "epoch 0 was not trained again"
 
 
 def test_grid_keys_are_checked_before_anything_runs(ray_local, smoke_cache, tmp_path):
@@ -114,7 +179,7 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
 def test_default_max_concurrent_trials_follows_the_cluster(ray_local):
     import ray
 
-    from ptxray.ray_tune import default_max_concurrent_trials
+    from ptxray.ray_tune import default_max_concurrent_trials, trial_resources
 
     cpus = int(ray.cluster_resources()["CPU"])
     one_cpu = load_config("smoke", {"compute.num_workers": 1, "compute.cpus_per_worker": 1})
@@ -124,3 +189,10 @@ def test_default_max_concurrent_trials_follows_the_cluster(ray_local):
     assert default_max_concurrent_trials(one_cpu.with_overrides({"compute.num_workers": cpus})) == 1
     # GPU trials are counted in GPUs; none here still runs one at a time rather than none
     assert default_max_concurrent_trials(one_cpu.with_overrides({"compute.use_gpu": True})) == 1
+    # Trials that train in their own process hold their CPUs themselves and need no Ray Data tasks.
+    in_trial = one_cpu.with_overrides({"compute.num_workers": 0})
+    assert default_max_concurrent_trials(in_trial) == cpus
+    assert default_max_concurrent_trials(in_trial.with_overrides({"compute.cpus_per_worker": 2})) == cpus // 2
+    assert trial_resources(in_trial) == {"CPU": 1.0}
+    assert trial_resources(in_trial.with_overrides({"compute.use_gpu": True})) == {"CPU": 1.0, "GPU": 1.0}
+    assert trial_resources(one_cpu) == {"CPU": 0.01}, "a TorchTrainer trial only drives its workers"
