@@ -8,8 +8,9 @@ trial trains in its own process, like `ptxray train` in-process, and reports eac
 checkpoint to Tune; a trial that dies is restarted by Tune from that checkpoint
 (`compute.max_failures` times). That saves the eight actors a TorchTrainer starts per trial
 (controller, worker, split coordinator, placement-group cleaner, synchronization, dataset manager,
-preemption watcher, Tune queue): about 20 CPU-seconds each trial on a 2-core machine, measured in
-`make demo`, where a trial trains for about a minute.
+preemption watcher, Tune queue) and the Ray Data worker processes that feed its worker: about
+40 CPU-seconds each trial on a 2-core machine, measured in `make demo`, where a trial's training
+takes about 45.
 """
 
 from __future__ import annotations
