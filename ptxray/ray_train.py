@@ -158,7 +158,7 @@ def make_trainer(
     if compute.num_workers < 1:
         raise ValueError(
             f"compute.num_workers: a TorchTrainer needs at least 1 worker, got {compute.num_workers} "
-            "(0 trains inside each Tune trial's own process: ptxray tune / jobs/kfold.py)"
+            "(0 trains inside each Tune trial's own process: ptxray kfold / jobs/kfold.py)"
         )
     _check_cache_channels(cfg, cache_uri)
     train_ds = ray_data.train_dataset(cache_uri, cfg.train.fold)

@@ -140,29 +140,33 @@ def test_grid_keys_are_checked_before_anything_runs(ray_local, smoke_cache, tmp_
         ray_tune.run_experiment(cfg, smoke_cache)
 
 
-def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, smoke_cache):
+@pytest.mark.parametrize("num_workers", [1, 0], ids=["ray-train-worker", "in-trial"])
+def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, smoke_cache, num_workers):
     from ptxray import ray_tune
 
     s3 = moto_s3.client()
-    s3.create_bucket(Bucket="ptx-runs")
+    bucket = f"ptx-runs-{num_workers}"
+    s3.create_bucket(Bucket=bucket)
     cfg = load_config(
         "smoke",
         {
+            "compute.num_workers": num_workers,
             "model.base_filters": 8,
             "train.epochs": 1,
             "augment.recipe": "none",
-            "compute.storage_path": "s3://ptx-runs/runs",
+            "compute.storage_path": f"s3://{bucket}/runs",
             "search.name": "s3-exp",
             "search.folds": [0],
             "search.early_stop": False,
         },
     )
     first = ray_tune.run_experiment(cfg, smoke_cache, print_table=False)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ptx-runs")["Contents"]]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert "runs/s3-exp/summary.json" in keys and "runs/s3-exp/summary.csv" in keys
     ckpt = first["best"]["fold_checkpoints"][0]
-    assert ckpt.startswith("s3://ptx-runs/runs/s3-exp.train/")
-    prefix = ckpt.removeprefix("s3://ptx-runs/")
+    # A TorchTrainer's checkpoints go to Ray Train's storage, an in-trial one's to its Tune trial folder.
+    assert ckpt.startswith(f"s3://{bucket}/runs/s3-exp.train/" if num_workers else f"s3://{bucket}/runs/s3-exp/_trainable_"), ckpt
+    prefix = ckpt.removeprefix(f"s3://{bucket}/")
     in_checkpoint = [k for k in keys if k.startswith(prefix)]
     assert any(k.endswith("last.pt") for k in in_checkpoint), (prefix, keys)
     n_objects = len(keys)
@@ -173,7 +177,7 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
     assert second["rows"][0]["trial_ids"] == first["rows"][0]["trial_ids"], "the same trial, restored"
     new_checkpoints = [r for r in requests if r["method"] in ("PUT", "POST") and "/checkpoint_" in r["url"]]
     assert new_checkpoints == [], "a finished trial was not trained again"
-    assert len(s3.list_objects_v2(Bucket="ptx-runs")["Contents"]) >= n_objects
+    assert len(s3.list_objects_v2(Bucket=bucket)["Contents"]) >= n_objects
 
 
 def test_default_max_concurrent_trials_follows_the_cluster(ray_local):
