@@ -15,7 +15,6 @@ An architecture is `unet_vanilla:<base_filters>` or `<smp arch>:<encoder>`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -98,10 +97,9 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    from common import write_report
+
+    print(f"wrote {write_report(result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -109,15 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         p.error("--epochs must be >= 2 (epoch 0 is start-up and not measured)")
 
-    import ray
+    from common import synthetic_cache, write_report
 
-    from ptxray import ray_data
     from ptxray.config import load_config
-    from ptxray.synth import generate
 
     with tempfile.TemporaryDirectory(prefix="ptxr-bench-") as tmp:
         work = Path(tmp)
-        generate(str(work / "synth"), n=args.images, size=max(256, args.size), positive_rate=0.25, seed=0)
         cfg = load_config(None, {
             "preprocess.image_size_px": args.size,
             "augment.recipe": args.recipe,
@@ -127,21 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             "compute.num_workers": 1,
             "compute.cpus_per_worker": 1,
         })
-        ray_temp = tempfile.mkdtemp(prefix="ptxr-", dir="/tmp")  # short: Ray's socket paths are length-limited
-        ray_data.init_ray(num_cpus=2, _temp_dir=ray_temp, log_to_driver=False)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            summary = ray_data.prepare(
-                cfg, images=str(work / "synth" / "dicom-images-train"), labels=str(work / "synth" / "train-rle.csv"),
-                cache=str(work / "cache"),
-            )
-            cache_uri = summary["cache"]
+        with synthetic_cache(work, cfg, images=args.images, size=max(256, args.size), positive_rate=0.25, num_cpus=2) as cache_uri:
             ray_path = run_ray_train(cfg, cache_uri, work)
             # The same thread count as the worker, whose OMP_NUM_THREADS Ray sets from its CPUs.
             local = run_in_process(cfg, cache_uri, work, threads=ray_path["torch_threads"])
-        finally:
-            ray.shutdown()
-            shutil.rmtree(ray_temp, ignore_errors=True)
 
     local_mean = statistics.mean(local["epoch_seconds"])
     ray_mean = statistics.mean(ray_path["epoch_seconds"])
@@ -164,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_data_wait_fraction_mean": statistics.mean(ray_path["data_wait_fraction"]),
         "in_process_data_wait_fraction_mean": statistics.mean(local["data_wait_fraction"]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps(report, indent=2))
     return 0
 

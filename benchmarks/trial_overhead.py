@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -71,37 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trial_overhead.json"))
     args = p.parse_args(argv)
 
-    import ray
+    from common import synthetic_cache, write_report
 
-    from ptxray import ray_data
     from ptxray.config import load_config
-    from ptxray.synth import generate
 
     with tempfile.TemporaryDirectory(prefix="ptxr-bench-") as tmp:
         work = Path(tmp)
-        generate(str(work / "synth"), n=args.images, size=512, positive_rate=0.22, seed=0)
         base = load_config("demo", {
             "train.epochs": args.epochs,
             "search.folds": list(range(args.folds)),
             "search.early_stop": False,
             "compute.storage_path": str(work / "runs"),
         })  # fmt: skip
-        ray_temp = tempfile.mkdtemp(prefix="ptxr-", dir="/tmp")  # short: Ray's socket paths are length-limited
-        ray_data.init_ray(num_cpus=4, _temp_dir=ray_temp, log_to_driver=False)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            summary = ray_data.prepare(
-                base, images=str(work / "synth" / "dicom-images-train"), labels=str(work / "synth" / "train-rle.csv"),
-                cache=str(work / "cache"),
-            )
+        with synthetic_cache(work, base, images=args.images, size=512, positive_rate=0.22, num_cpus=4) as cache_uri:
             paths = {}
             order = [("torch_trainer", 1), ("in_trial", 0)]
             for name, workers in order[::-1] if args.in_trial_first else order:
                 cfg = base.with_overrides({"compute.num_workers": workers, "search.name": name})
-                paths[name] = run(cfg, summary["cache"])
-        finally:
-            ray.shutdown()
-            shutil.rmtree(ray_temp, ignore_errors=True)
+                paths[name] = run(cfg, cache_uri)
 
     trainer, in_trial = paths["torch_trainer"], paths["in_trial"]
     report = {
@@ -118,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_epoch_ratio": trainer["first_epoch_seconds_mean"] / in_trial["first_epoch_seconds_mean"],
         "later_epoch_ratio": trainer["later_epoch_seconds_mean"] / in_trial["later_epoch_seconds_mean"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps(report, indent=2))
     return 0
 

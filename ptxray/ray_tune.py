@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -137,9 +139,6 @@ def _train_in_trial(cfg: Config, cache_uri: str, debug_config: dict[str, Any]) -
     """`compute.num_workers: 0`: fit the fold here (`runner.train_fold`: the fold's arrays in memory,
     exact positive oversampling), reporting every epoch to Tune with its checkpoint (last.pt,
     best.pt, config.yaml, metrics.jsonl); a restarted trial continues from Tune's latest one."""
-    import shutil
-    import tempfile
-
     from ptxray import ray_train, runner
 
     work = Path(tempfile.mkdtemp(prefix="ptxray-trial-"))
