@@ -138,6 +138,62 @@ def ray_local(moto_s3):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class DciodvfyReport:
+    errors: list[str]  # every "Error - ..." line, and "Abort - ..." (a file it cannot read)
+    warnings: list[str]  # every "Warning - ..." line
+    output: str  # all of stdout and stderr, for the failure message
+
+
+def parse_dciodvfy(output: str) -> DciodvfyReport:
+    """dciodvfy (dicom3tools) writes one finding per line, starting "Error - ", "Warning - " or, when
+    it cannot read the file at all, "Abort - " (the IOD's name and other context lines start otherwise)."""
+    lines = [line.strip() for line in output.splitlines()]
+    return DciodvfyReport(
+        errors=[line for line in lines if line.startswith(("Error - ", "Abort - "))],
+        warnings=[line for line in lines if line.startswith("Warning - ")],
+        output=output,
+    )
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def _validate_dicom(path) -> DciodvfyReport | None:
+    """Run dciodvfy on `path` and fail the test on any Error line; returns the report.
+
+    Without dciodvfy the check cannot run: in CI (CI=true, where .ci/run installs dicom3tools) that
+    fails the test, since a validator that silently never runs proves nothing; elsewhere it warns and
+    returns None (install it with `apt-get install dicom3tools`).
+    """
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        if in_ci():
+            pytest.fail("dciodvfy (Debian package dicom3tools) is not installed; CI must validate every DICOM SEG")
+        import warnings
+
+        warnings.warn(f"dciodvfy not installed: {path} was not validated (apt-get install dicom3tools)", stacklevel=2)
+        return None
+    done = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    report = parse_dciodvfy(done.stdout + done.stderr)
+    # It exits 1 on errors (0 with warnings only): a non-zero status without an Error line is a
+    # failure too, rather than a pass on output this parser did not understand.
+    if report.errors or done.returncode != 0:
+        pytest.fail(
+            f"dciodvfy rejects {path} (exit status {done.returncode}):\n"
+            + "\n".join(report.errors) + "\n--- full output ---\n" + report.output
+        )
+    return report
+
+
+@pytest.fixture
+def validate_dicom():
+    """`validate_dicom(path)`: the standard's validator (dciodvfy) on a DICOM file the test wrote;
+    fails on any `Error -` line and returns the parsed report (None where it is not installed, outside CI)."""
+    return _validate_dicom
+
+
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory):
     """A small synthetic SIIM-layout dataset (real JPEG DICOMs + RLE CSV), generated once."""

@@ -100,7 +100,7 @@ def test_thresholds_command_searches_and_stores_once(trained_run, capsys):
     assert not computed and search_thresholds(stats).thresholds.to_dict() == {**doc["thresholds"], "source": "out-of-fold search"}
 
 
-def test_predict_local_on_real_dicoms_with_corrupt_files(trained_run, inputs, tmp_path, capsys):
+def test_predict_local_on_real_dicoms_with_corrupt_files(trained_run, inputs, tmp_path, capsys, validate_dicom):
     out = tmp_path / "pred"
     assert main(["predict", "--run", str(trained_run), "--images", str(inputs), "--out", str(out), "--local", "--dicom-seg"]) == 0
     printed = capsys.readouterr().out
@@ -116,6 +116,8 @@ def test_predict_local_on_real_dicoms_with_corrupt_files(trained_run, inputs, tm
     # One DICOM SEG per non-empty prediction, none for the empty ones.
     segs = {p.stem for p in (out / "seg").glob("*.dcm")} if (out / "seg").exists() else set()
     assert segs == {r["ImageId"] for r in sub if r["EncodedPixels"] != "-1"}
+    for seg_path in (out / "seg").glob("*.dcm"):
+        validate_dicom(seg_path)
 
     # Thresholds that keep masks: binarise a few levels below the weakest image's highest pixel, so
     # every image has a (partial) mask at the model size, and the RLEs are not all "-1".
@@ -123,10 +125,14 @@ def test_predict_local_on_real_dicoms_with_corrupt_files(trained_run, inputs, tm
     lowest_max = min(round(float(r["max_pixel_probability"]) * 255) for r in probs)
     th = Thresholds(0.0, 0, max(lowest_max - 3, 0) / 255, 0.0, 64, rule="plain", source="test")
     out2 = tmp_path / "pred-masks"
-    s2 = run_predict(str(trained_run), str(inputs), str(out2), thresholds=th)
-    assert s2["non_empty"] > 0 and s2["thresholds"]["source"] == "test"
+    s2 = run_predict(str(trained_run), str(inputs), str(out2), thresholds=th, dicom_seg=True)
+    assert s2["non_empty"] > 0 and s2["thresholds"]["source"] == "test" and not s2["seg_errors"]
     sub = _check_outputs(out2, inputs)
     assert any(r["EncodedPixels"] != "-1" for r in sub)
+    written = sorted((out2 / "seg").glob("*.dcm"))  # real SIIM sources, non-empty masks
+    assert len(written) == s2["non_empty"]
+    for seg_path in written:
+        validate_dicom(seg_path)
 
 
 def test_predict_on_ray_data_matches_local(trained_run, inputs, ray_local, tmp_path):
@@ -150,7 +156,7 @@ def test_predict_on_ray_data_matches_local(trained_run, inputs, ray_local, tmp_p
     assert s_local["predicted"] == 3
 
 
-def test_predict_reads_and_writes_s3(trained_run, moto_s3, tmp_path):
+def test_predict_reads_and_writes_s3(trained_run, moto_s3, tmp_path, validate_dicom):
     s3 = moto_s3.client()
     s3.create_bucket(Bucket="ptxray-predict")
     files = sorted(SAMPLE.glob("*.dcm"))[:2]
@@ -166,7 +172,10 @@ def test_predict_reads_and_writes_s3(trained_run, moto_s3, tmp_path):
     assert {"out/submission.csv", "out/probabilities.csv", "out/errors.csv", "out/predict.json"} <= keys
     assert {f"out/masks/{i}.png" for i in ids} | {f"out/overlays/{i}.png" for i in ids} <= keys
     assert {f"out/seg/{i}.dcm" for i in ids} <= keys
-    seg = pydicom.dcmread(io.BytesIO(s3.get_object(Bucket="ptxray-predict", Key=f"out/seg/{ids[0]}.dcm")["Body"].read()))
+    for i in ids:
+        (tmp_path / f"{i}.dcm").write_bytes(s3.get_object(Bucket="ptxray-predict", Key=f"out/seg/{i}.dcm")["Body"].read())
+        validate_dicom(tmp_path / f"{i}.dcm")
+    seg = pydicom.dcmread(tmp_path / f"{ids[0]}.dcm")
     assert seg.Modality == "SEG" and seg.SourceImageSequence[0].ReferencedSOPInstanceUID == ids[0]
     sub = s3.get_object(Bucket="ptxray-predict", Key="out/submission.csv")["Body"].read().decode().splitlines()
     assert sub[0] == "ImageId,EncodedPixels" and sorted(line.split(",")[0] for line in sub[1:]) == sorted(ids)
