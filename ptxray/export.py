@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import logging
+import math
+import re
 import tempfile
 import time
 import warnings
@@ -356,6 +359,18 @@ _TYPE2_PATIENT_STUDY = (
 )
 # Pneumothorax in CIELab (approximately sRGB red), so viewers draw it in a colour that stands out.
 _DISPLAY_LAB = (53.2, 80.1, 67.2)
+# Copied attributes the SEG must carry with a value (Type 1), so an invalid one cannot be emptied:
+# the UIDs that place the SEG in its source's study and frame of reference (a made-up one would put
+# it elsewhere), and Lossy Image Compression (Segmentation Image module). Invalid, they are an error.
+_TYPE1_COPIED = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "LossyImageCompression",
+)
+# Copied attributes with enumerated values (PS3.3 C.7.1.1, C.7.6.1): a value outside them is invalid
+# even where the VR accepts it.
+_ENUMERATED = {"PatientSex": ("M", "F", "O"), "LossyImageCompression": ("00", "01")}
+# Patient Orientation (PS3.3 C.7.6.1.1.1): one direction per axis, each 1-3 of these letters.
+_ORIENTATION = re.compile(r"^[APRLHF]{1,3}$")
 
 
 def _binary_mask(mask: np.ndarray, where: str) -> np.ndarray:
@@ -392,8 +407,13 @@ def write_dicom_seg(
       references the source image (ReferencedSeriesSequence, SourceImageSequence).
     - An empty mask is written too, as a valid SEG whose one frame is all zero: "the algorithm
       looked and found nothing" is a result a reader should see, not a missing file.
+    - The SEG passes the standard's validator (dciodvfy): every value it copies from the source is
+      checked against its VR and, where invalid, normalised when the meaning is unambiguous (SIIM's
+      age '38' -> '038Y', '2019-01-31' -> '20190131') or emptied; one INFO line per SEG says which.
+      Patient Orientation (Type 2C) is the source's, or empty when the source has none.
     - Bad source bytes raise DicomError naming `source_path`; so does a source that lacks the
-      UIDs a reference needs.
+      UIDs a reference needs, or holds an invalid value the SEG must carry (a UID, Lossy Image
+      Compression).
     """
     import highdicom as hd
     import pydicom
@@ -408,6 +428,10 @@ def write_dicom_seg(
         source = pydicom.dcmread(io.BytesIO(bytes(source_dicom_bytes)), stop_before_pixels=True)
     except Exception as e:  # read_dicom accepted it, so this is very unlikely
         raise DicomError(source_path, f"cannot parse the header ({type(e).__name__}: {e})") from e
+    # The SEG copies the source's patient, study, equipment and geometry attributes as they are, so
+    # any value that breaks its VR is fixed on our in-memory copy first (else the derived object is
+    # invalid: SIIM's Patient's Age '38' for '038Y').
+    fixes = _conform_to_vrs(source, source_path)
     _complete_source_header(source, source_path)
 
     rows, columns = int(source.Rows), int(source.Columns)
@@ -458,9 +482,157 @@ def write_dicom_seg(
             )
         except (ValueError, TypeError, AttributeError) as e:
             raise DicomError(source_path, f"cannot build a DICOM SEG over this image ({type(e).__name__}: {e})") from e
+    _add_patient_orientation(seg, source)
+    _log_fixes(seg, fixes, where)
     buffer = io.BytesIO()
     seg.save_as(buffer)
     storage.write_bytes_atomic(out_path_or_uri, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class _Fix:
+    tag: int
+    keyword: str
+    old: str  # the source's value, backslash-joined
+    new: str | None  # the conforming value; None: emptied
+
+
+def _as_text(value: Any) -> list[str]:
+    """The values of a string-VR element as the file holds them (DS/IS keep their original text)."""
+    from pydicom.multival import MultiValue
+
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [str(v) for v in values]
+
+
+def _conform(vr: str, keyword: str, text: str) -> str | None:
+    """`text` if valid for `vr` (and for the attribute's enumerated values), the same meaning in the
+    valid form where that is unambiguous, else None.
+
+    pydicom's validators check what the VR allows; what they cannot check (a calendar date, the
+    enumerated values of a few copied attributes) is checked here. The normalisations are the forms
+    seen in real exports: bare ages in years (SIIM), ISO dates, ACR-NEMA times, over-long decimals.
+    """
+    from pydicom import config
+    from pydicom.valuerep import format_number_as_ds, validate_value
+
+    def valid(candidate: str) -> bool:
+        try:
+            validate_value(vr, candidate, config.RAISE)
+        except ValueError:
+            return False
+        if vr == "DA" and candidate:
+            try:
+                datetime.datetime.strptime(candidate, "%Y%m%d")
+            except ValueError:
+                return False
+        if keyword in _ENUMERATED and candidate not in _ENUMERATED[keyword]:
+            return False
+        return not (keyword == "PatientOrientation" and not _ORIENTATION.match(candidate))
+
+    if valid(text):
+        return text
+    stripped = text.strip()
+    candidate: str | None = None
+    if vr == "AS":
+        # A bare number is years (SIIM writes '38'); a unit letter may follow, after a space.
+        m = re.fullmatch(r"(\d{1,3})\s*([DWMYdwmy]?)", stripped)
+        candidate = f"{int(m[1]):03d}{(m[2] or 'Y').upper()}" if m else None
+    elif vr in ("DS", "IS"):
+        try:
+            number = float(stripped)
+        except ValueError:
+            number = math.nan
+        if vr == "DS" and math.isfinite(number):
+            candidate = format_number_as_ds(number)
+        elif vr == "IS" and math.isfinite(number) and number.is_integer():
+            candidate = str(int(number))
+    elif vr == "DA" and re.fullmatch(r"\d{4}([-./])\d{2}\1\d{2}", stripped):  # ISO, or ACR-NEMA's dots
+        candidate = re.sub(r"\D", "", stripped)
+    elif vr == "TM" and re.fullmatch(r"\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?", stripped):  # ACR-NEMA's colons
+        candidate = stripped.replace(":", "")
+    elif vr == "CS":
+        candidate = stripped.upper()
+        if keyword == "LossyImageCompression" and candidate.isdigit():
+            candidate = candidate.zfill(2)  # '1' for the enumerated '01'
+    else:
+        candidate = stripped
+    return candidate if candidate is not None and valid(candidate) else None
+
+
+# Values pydicom holds as numbers or bytes, checked (or not) when the file is parsed: not text.
+_NOT_TEXT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
+
+
+def _conform_to_vrs(ds: Any, source_path: str, nested: bool = False) -> list[_Fix]:
+    """Fix or empty, in place, every text value of `ds` (nested sequences included) that breaks its
+    VR; returns what changed. An invalid value the SEG must carry (_TYPE1_COPIED) raises DicomError.
+
+    Everything is checked, not only what highdicom copies today: which attributes it copies depends
+    on the source's IOD and on highdicom's version, and a fix the SEG does not carry is harmless.
+    """
+    fixes: list[_Fix] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on each invalid value it parses; we fix them
+        for elem in list(ds):
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    fixes += _conform_to_vrs(item, source_path, nested=True)
+                continue
+            if elem.VR in _NOT_TEXT_VRS or elem.is_empty:
+                continue
+            keyword = elem.keyword or str(elem.tag)
+            texts = _as_text(elem.value)
+            conformed = [_conform(elem.VR, keyword, t) for t in texts]
+            if keyword == "PatientOrientation" and len(texts) != 2:
+                conformed = [None]  # one direction per image axis, no more, no less
+            if conformed == texts:
+                continue
+            old = "\\".join(texts)
+            if keyword in _TYPE1_COPIED and not nested and None in conformed:
+                raise DicomError(
+                    source_path, f"cannot write a valid SEG: {keyword} '{old}' is not a valid {elem.VR} value, and the SEG needs it (Type 1)"
+                )
+            new = None if None in conformed else "\\".join(conformed)  # type: ignore[arg-type]
+            ds[elem.tag] = type(elem)(elem.tag, elem.VR, conformed if new is not None and len(conformed) > 1 else new)
+            fixes.append(_Fix(int(elem.tag), keyword, old, new))
+    return fixes
+
+
+def _add_patient_orientation(seg: Any, source: Any) -> None:
+    """Patient Orientation (General Image module) is Type 2C: required when the image has no Image
+    Orientation (Patient), as a SEG over a Secondary Capture X-ray has none. The SEG's frame is the
+    source's pixel grid, so the source's (already conformed) value holds; empty when unknown."""
+    if "PatientOrientation" in seg:
+        return
+    orientation = source["PatientOrientation"] if "PatientOrientation" in source else None
+    if orientation is not None and not orientation.is_empty:
+        seg.PatientOrientation = _as_text(orientation.value)
+    elif "FrameOfReferenceUID" not in seg:
+        seg.PatientOrientation = None  # present and empty: "unknown" (Type 2C)
+
+
+def _log_fixes(seg: Any, fixes: list[_Fix], where: str) -> None:
+    """One line per SEG naming what it carries in a different form than its source (only the
+    attributes the SEG holds: a fixed value highdicom does not copy changes nothing)."""
+    held: set[int] = set()
+
+    def walk(ds: Any) -> None:
+        for elem in ds:
+            held.add(int(elem.tag))
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    walk(item)
+
+    walk(seg)
+    shown = [f for f in fixes if f.tag in held]
+    normalised = [f"{f.keyword} '{f.old}' -> '{f.new}'" for f in shown if f.new is not None]
+    emptied = [f"{f.keyword} '{f.old}'" for f in shown if f.new is None]
+    if normalised or emptied:
+        parts = ([f"normalised {'; '.join(normalised)}"] if normalised else []) + (
+            [f"emptied (no valid form with the same meaning) {'; '.join(emptied)}"] if emptied else []
+        )
+        logger.info("%s: source values invalid for their DICOM VR, in the SEG: %s", where, "; ".join(parts))
 
 
 def _complete_source_header(ds: Any, source_path: str) -> None:
