@@ -571,6 +571,8 @@ def _conform_to_vrs(ds: Any, source_path: str, nested: bool = False) -> list[_Fi
     Everything is checked, not only what highdicom copies today: which attributes it copies depends
     on the source's IOD and on highdicom's version, and a fix the SEG does not carry is harmless.
     """
+    from pydicom import DataElement
+
     fixes: list[_Fix] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on each invalid value it parses; we fix them
@@ -589,13 +591,15 @@ def _conform_to_vrs(ds: Any, source_path: str, nested: bool = False) -> list[_Fi
             if conformed == texts:
                 continue
             old = "\\".join(texts)
-            if keyword in _TYPE1_COPIED and not nested and None in conformed:
-                raise DicomError(
-                    source_path, f"cannot write a valid SEG: {keyword} '{old}' is not a valid {elem.VR} value, and the SEG needs it (Type 1)"
-                )
-            new = None if None in conformed else "\\".join(conformed)  # type: ignore[arg-type]
-            ds[elem.tag] = type(elem)(elem.tag, elem.VR, conformed if new is not None and len(conformed) > 1 else new)
-            fixes.append(_Fix(int(elem.tag), keyword, old, new))
+            if None in conformed:  # one bad value empties the attribute: its values go together
+                if keyword in _TYPE1_COPIED and not nested:
+                    reason = f"{keyword} '{old}' is not a valid {elem.VR} value, and the SEG needs it (Type 1)"
+                    raise DicomError(source_path, f"cannot write a valid SEG: {reason}")
+                ds[elem.tag] = DataElement(elem.tag, elem.VR, None)
+                fixes.append(_Fix(int(elem.tag), keyword, old, None))
+            else:
+                ds[elem.tag] = DataElement(elem.tag, elem.VR, conformed if len(conformed) > 1 else conformed[0])
+                fixes.append(_Fix(int(elem.tag), keyword, old, "\\".join(conformed)))  # type: ignore[arg-type]
     return fixes
 
 
