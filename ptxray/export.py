@@ -617,19 +617,20 @@ def _add_patient_orientation(seg: Any, source: Any) -> None:
 
 
 def _log_fixes(seg: Any, fixes: list[_Fix], where: str) -> None:
-    """One line per SEG naming what it carries in a different form than its source (only the
-    attributes the SEG holds: a fixed value highdicom does not copy changes nothing)."""
-    held: set[int] = set()
+    """One line per SEG naming what it carries in a different form than its source: the fixes whose
+    result the SEG holds (a fixed value highdicom did not copy, or replaced by its own, changes nothing)."""
+    held: set[tuple[int, str]] = set()  # (tag, backslash-joined text; "" when empty)
 
     def walk(ds: Any) -> None:
         for elem in ds:
-            held.add(int(elem.tag))
             if elem.VR == "SQ":
                 for item in elem.value or ():
                     walk(item)
+            elif elem.VR not in _NOT_TEXT_VRS:
+                held.add((int(elem.tag), "" if elem.is_empty else "\\".join(_as_text(elem.value))))
 
     walk(seg)
-    shown = [f for f in fixes if f.tag in held]
+    shown = [f for f in fixes if (f.tag, f.new or "") in held]
     normalised = [f"{f.keyword} '{f.old}' -> '{f.new}'" for f in shown if f.new is not None]
     emptied = [f"{f.keyword} '{f.old}'" for f in shown if f.new is None]
     if normalised or emptied:
