@@ -43,9 +43,16 @@ class PreprocessConfig:
     beasf_gamma: float = 0.5
 
 
+AUGMENT_WHERE = ("auto", "host", "device")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     recipe: str = "paper"  # "paper", "kaggle" or "none"
+    # "device": on the training device (batched torch, ptxray.augment.build_device_augment), the data
+    # path only reads, shuffles and hands over uint8; "host": albumentations in the data path;
+    # "auto": device on CUDA, host on CPU (where OpenCV is faster than grid_sample).
+    where: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,10 @@ class ComputeConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # NHWC activations, CUDA and CPU (oneDNN: 1.15-1.4x faster training on CPU)
     prepare_batch_size: int = 16  # images per Ray Data batch when preparing the cache
-    prefetch_mb: int = 512  # train batches a Ray Train worker may build ahead of the model (ptxray.ray_train)
+    prefetch_mb: int = 512  # uint8 train batches a Ray Train worker may build ahead of the model (ptxray.ray_train)
+    # A Ray Train worker keeps its training shard in memory (uint8) after the first epoch when it
+    # fits in this many MB (and in half the node's available memory per worker); 0 = stream every epoch.
+    hold_shard_mb: int = 8192
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,10 @@ class Config:
             object.__setattr__(
                 self, "model", replace(self.model, in_channels=len(self.preprocess.channels))
             )
+        if self.augment.where not in AUGMENT_WHERE:
+            raise ConfigError(f"augment.where: {self.augment.where!r} is not one of {list(AUGMENT_WHERE)}")
+        if self.compute.hold_shard_mb < 0:
+            raise ConfigError(f"compute.hold_shard_mb: must be >= 0 (0 = stream every epoch), got {self.compute.hold_shard_mb}")
         batch_size = _batch_size(self.train.batch_size)
         if repr(batch_size) != repr(self.train.batch_size):  # also 8.0 -> 8
             object.__setattr__(self, "train", replace(self.train, batch_size=batch_size))
@@ -338,6 +352,7 @@ def section_hash(*sections: Any, extra: Any = None) -> str:
 
 
 __all__ = [
+    "AUGMENT_WHERE",
     "AugmentConfig",
     "CHANNEL_NAMES",
     "ComputeConfig",

@@ -5,8 +5,12 @@ in production). `fit` runs the epochs of one training run: optimizer and schedul
 early stopping, metrics.jsonl, atomic checkpoints, and resume from the last checkpoint.
 
 A batch is `{"image": float32 (B, C, H, W) in [0, 1], "mask": float32 (B, 1, H, W) in {0, 1},
-"label": float32 (B, 1)}`; a uint8 image is accepted too (scaled on the device, so a GPU
-host-to-device copy moves a quarter of the bytes).
+"label": float32 (B, 1)}`, or as the data paths hand it over (`uint8_batch`): uint8 image
+(B, C, H, W) and uint8 mask (B, H, W), no label, scaled and binarised on the device (a GPU
+host-to-device copy moves a quarter of the bytes, from pinned memory when asked). With
+`device_augment` (`fit`, `train_epoch`), the training batches are augmented on the device first
+(ptxray.augment.build_device_augment), from a torch.Generator per epoch seeded by
+(train.seed, epoch, augment_rank), so a seed reproduces them, resumed runs included.
 
 When each learning-rate scheduler steps (`build_scheduler`):
 - `cosine`: once per epoch, after validation (CosineAnnealingLR over `train.epochs`).
@@ -41,6 +45,7 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 
+from ptxray.augment import augment_generator
 from ptxray.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -85,23 +90,61 @@ def batch_from_numpy(images: np.ndarray, masks: np.ndarray) -> Batch:
     return {"image": image, "mask": mask, "label": label}
 
 
-def _batch_to_device(batch: Mapping[str, Tensor], device: torch.device, channels_last: bool):
+def uint8_batch(
+    images: np.ndarray, masks: np.ndarray, indices: np.ndarray | None = None, *, pin: bool = False
+) -> Batch:
+    """The uint8 hand-over batch: images (N, C, H, W) and masks (N, H, W) as they are (rows
+    `indices` of them when given, gathered in one copy), as tensors in pinned memory when `pin`
+    (for an asynchronous copy to a GPU). The device scales, binarises and labels them."""
+    images, masks = np.asarray(images), np.asarray(masks)
+    if images.dtype != np.uint8 or images.ndim != 4 or masks.dtype != np.uint8 or masks.shape != (len(images), *images.shape[2:]):
+        raise ValueError(
+            f"uint8_batch: need uint8 images (B, C, H, W) and uint8 masks (B, H, W), got images "
+            f"{images.dtype} {images.shape} and masks {masks.dtype} {masks.shape}"
+        )
+    out = []
+    for array in (images, masks):
+        shape = array.shape if indices is None else (len(indices), *array.shape[1:])
+        tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        if indices is None:
+            tensor.numpy()[...] = array
+        else:
+            np.take(array, indices, axis=0, out=tensor.numpy())
+        out.append(tensor)
+    return {"image": out[0], "mask": out[1]}
+
+
+def _batch_to_device(
+    batch: Mapping[str, Tensor],
+    device: torch.device,
+    channels_last: bool,
+    augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    generator: torch.Generator | None = None,
+):
     try:
         image, mask = batch["image"], batch["mask"]
     except (KeyError, TypeError):
         keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
         raise ValueError(f"a batch must be a dict with 'image', 'mask' and 'label'; got {keys}") from None
-    image = image.to(device, non_blocking=True)
-    if image.dtype == torch.uint8:
-        image = image.float().div_(255.0)
     if image.ndim != 4:
         raise ValueError(f"batch['image'] must be (B, C, H, W), got shape {tuple(image.shape)}")
+    image = image.to(device, non_blocking=True)
+    mask = mask.to(device, non_blocking=True)
+    label = batch.get("label")
+    if augment is not None:
+        if image.dtype != torch.uint8:
+            raise ValueError(f"device augmentation needs uint8 batches (engine.uint8_batch), got {image.dtype} images")
+        if mask.ndim == 4:  # (B, 1, H, W) -> (B, H, W)
+            mask = mask.squeeze(1)
+        image, mask = augment(image, mask.to(torch.uint8), generator)
+        label = None  # the augmentation may have moved the lesion out of the frame
+    elif image.dtype == torch.uint8:
+        image = image.float().div_(255.0)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    mask = mask.to(device, non_blocking=True).float()
+    mask = (mask > 0).float() if mask.dtype == torch.uint8 else mask.float()
     if mask.ndim == 3:  # (B, H, W) -> (B, 1, H, W)
         mask = mask.unsqueeze(1)
-    label = batch.get("label")
     label = mask.amax(dim=(2, 3)) if label is None else label.to(device, non_blocking=True).float().reshape(-1, 1)
     return image, mask, label
 
@@ -253,12 +296,17 @@ def train_epoch(
     grad_clip_norm: float = 0.0,
     penalty: Callable[[nn.Module], Tensor] | None = None,
     channels_last: bool = False,
+    augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches`: returns train_loss, train_dice, images, steps, seconds, data_wait_seconds.
+    """One pass over `batches`: returns train_loss, train_dice, images, steps, seconds,
+    data_wait_seconds and first_batch_seconds (the wait for the first batch, i.e. the data
+    path's start-up).
 
     `scheduler` is stepped after every optimizer step, so pass per-step schedulers (onecycle)
     only. `train_loss` is the image-weighted mean of the task loss; the weight penalty, when given,
-    is added to the optimised objective and reported separately as `train_penalty`.
+    is added to the optimised objective and reported separately as `train_penalty`. `augment`
+    (with its `generator`) augments each uint8 batch on the device (module doc).
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
@@ -272,6 +320,7 @@ def train_epoch(
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     steps = skipped = 0
     data_wait = 0.0
+    first_batch = math.nan
     start = time.perf_counter()
     iterator = iter(batches)
     while True:
@@ -281,7 +330,9 @@ def train_epoch(
         except StopIteration:
             break
         data_wait += time.perf_counter() - t0
-        image, mask, label = _batch_to_device(batch, device, channels_last)
+        if math.isnan(first_batch):
+            first_batch = time.perf_counter() - start
+        image, mask, label = _batch_to_device(batch, device, channels_last, augment, generator)
         if image.shape[0] < 2:
             # A trailing one-image batch: BatchNorm cannot normalise a single sample in train mode
             # (deeplabv3's pooled ASPP branch raises). Skipped on every rank alike, because DDP
@@ -336,6 +387,7 @@ def train_epoch(
         "steps": steps,
         "seconds": time.perf_counter() - start,
         "data_wait_seconds": data_wait,
+        "first_batch_seconds": first_batch,
     }
     if skipped:
         logger.debug("train_epoch: skipped %d one-image batch(es)", skipped)
@@ -629,6 +681,8 @@ def fit(
     max_epochs: int | None = None,
     steps_per_epoch: int | None = None,
     resume_from: str | Path | None = None,
+    device_augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    augment_rank: int = 0,
 ) -> FitResult:
     """Train `model` for `cfg.train.epochs` epochs (0-based `epoch` indices throughout).
 
@@ -645,6 +699,8 @@ def fit(
       `train.max_steps_per_epoch` is set.
     - The model is moved to `device` (and to channels_last on CUDA) unless it is already wrapped
       in DDP, in which case the runner has done that.
+    - `device_augment`: augment the (uint8) training batches on the device, drawing from
+      `augment_generator(device, [train.seed, epoch, augment_rank])` (DDP ranks pass their rank).
     """
     device = torch.device(device)
     if run_dir is not None and is_uri(str(run_dir)):
@@ -735,6 +791,9 @@ def fit(
         batches: Iterable[Batch] = train_batches(epoch, rng)
         if max_steps > 0:
             batches = itertools.islice(batches, max_steps)
+        generator = None
+        if device_augment is not None:
+            generator = augment_generator(device, [train_cfg.seed, epoch, augment_rank])
         train_stats = train_epoch(
             model,
             batches,
@@ -746,6 +805,8 @@ def fit(
             grad_clip_norm=cfg.optim.grad_clip_norm,
             penalty=penalty,
             channels_last=channels_last,
+            augment=device_augment,
+            generator=generator,
         )
         lr = float(optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
         val_stats = evaluate(
@@ -866,5 +927,6 @@ __all__ = [
     "scheduler_steps_per_batch",
     "step_epoch_scheduler",
     "train_epoch",
+    "uint8_batch",
     "unwrap_model",
 ]

@@ -8,13 +8,25 @@ What a run does:
 - Data: `ray_data.train_dataset(cache, train.fold)` is the fold's training rows as a Ray dataset,
   split across the workers with `streaming_split(equal=True)` (every rank the same number of
   rows, hence of DDP steps; up to world_size - 1 rows an epoch are left out). Each worker streams
-  its shard with a local shuffle buffer and augments on the worker (`runner.augmented_batch`, the
-  same code as the in-process runner), in a background thread that starts each stream one step
+  its shard with a local shuffle buffer, in a background thread that starts each stream one step
   early (`ShardStreams`): val while the epoch trains, the next epoch's train while it validates.
   The thread may run `compute.prefetch_mb` of batches ahead: a shard that fits is pulled in one
   go, which ends the epoch's Ray Data execution early. (Ray 2.60's streaming executor polls
   without sleeping while it has no task in flight and its output waits for the consumer; its
   split coordinator actor then holds half a CPU for the whole epoch, measured on 2 cores.)
+- Held shard: every epoch of a streamed split is a new Ray Data execution, whose read tasks start
+  worker processes that Ray stops again after a second idle: seconds to the first batch of every
+  epoch (benchmarks/feed.py). When the rank's rows fit `compute.hold_shard_mb` (and half the
+  node's available memory per local worker), the first streamed epoch keeps them as uint8 and
+  later epochs draw from memory: a fresh permutation per epoch (exact positive oversampling with
+  `engine.epoch_indices`, as in-process), no Ray Data execution. Each rank then keeps the rows of
+  its first split for the whole run (like a DistributedSampler that does not reshuffle across
+  ranks; each rank still reshuffles its own rows every epoch).
+- Augmentation (`augment.where`, `runner.device_augment_for`): on the device (a GPU worker's
+  default), the worker only reads, shuffles and hands over uint8 batches (`engine.uint8_batch`,
+  pinned on CUDA) and `engine.fit` augments them on the GPU from a generator seeded by
+  (train.seed, epoch, rank); on the host, the thread augments them (`runner.augmented_batch`,
+  the same code as the in-process runner).
 - Validation is not a Ray dataset: rank r reads every world_size-th image of the fold's
   validation ids straight from the cache (`Cache.iter_arrays`, a streamed pyarrow scan), so no
   image is dropped (ranks may hold different numbers of validation batches, which
@@ -44,7 +56,9 @@ Reported per epoch (plain python numbers; NaN allowed): every metric of `engine.
 (train_loss, train_dice, train_seconds, train_data_wait_seconds, val_dice, val_dice_pos, val_iou,
 val_auc, val_empty_dice, val_loss, lr, seconds, ...), plus `epoch` (0-based int),
 `epochs_completed` (int, = epoch + 1, monotone across restarts, a good Tune `time_attr`) and
-`data_wait_fraction` (train_data_wait_seconds / train_seconds of this rank's train epoch).
+`data_wait_fraction` (train_data_wait_seconds / train_seconds of this rank's train epoch),
+`train_positive_fraction` and `train_held_rows` (this rank's rows held in memory; 0 = streaming).
+`train_first_batch_seconds` is the wait for the epoch's first batch (the stream's start-up).
 
 Positive oversampling (`train.pos_rate_start` / `pos_rate_end`): a streamed shard has no random
 access, so instead of drawing indices (`engine.epoch_indices`) each worker swaps negatives for
@@ -57,6 +71,8 @@ Test and benchmark hooks (never set in production) in `train_loop_config`:
 - `debug_hold_after_epoch`: on an attempt that did not resume from a checkpoint, every rank waits
   after reporting that epoch until `<debug_dir>/release` exists (at most 300 s), so a test can kill
   a worker at a known point.
+- `debug_null_model`: train `NullModel` instead of `cfg.model`, so a benchmark measures the data
+  path (benchmarks/feed.py).
 """
 
 from __future__ import annotations
@@ -85,9 +101,9 @@ from ptxray import ray_data
 from ptxray.augment import build_augment
 from ptxray.cache import Cache, table_to_arrays
 from ptxray.config import Config, config_from_dict
-from ptxray.engine import PositiveReservoir, fit, positive_rate_for_epoch
+from ptxray.engine import PositiveReservoir, epoch_indices, fit, positive_rate_for_epoch
 from ptxray.models import build_model
-from ptxray.runner import augmented_batch
+from ptxray.runner import augmented_batch, batches_from_arrays, device_augment_for
 from ptxray.storage import is_uri, s3_filesystem_from_env
 
 log = logging.getLogger("ptxray")
@@ -199,19 +215,42 @@ def _shard_batches(
     rng: np.random.Generator,
     oversample: tuple[PositiveReservoir, float] | None,
     counts: dict[str, int],
+    pin: bool = False,
+    keep: Callable[[list[tuple[np.ndarray, np.ndarray]]], None] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Training batches from a Ray Data shard of cache rows: shuffled, augmented, with negatives
-    swapped for earlier positives up to the target rate when `oversample` = (reservoir, rate);
-    `counts` accumulates the rows and positives streamed."""
+    """uint8 training batches from a Ray Data shard of cache rows: shuffled, augmented on the host
+    when `pipeline` is given, with negatives swapped for earlier positives up to the target rate
+    when `oversample` = (reservoir, rate); `counts` accumulates the rows and positives streamed.
+    `keep`, when given, receives the streamed (images, masks) chunks once the shard has been read
+    to its end (not when the consumer stops early)."""
     # A few batches of rows: shuffles within and across the blocks streaming in, bounded memory.
     shuffle = dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(2**31)))
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **shuffle):
         images, masks, _ = table_to_arrays(table)  # (B, C, S, S), (B, S, S)
+        if keep is not None:
+            kept.append((images, masks))  # fresh arrays: the reservoir and augmentation copy
         if oversample is not None:
             images, masks = oversample[0].apply(images, masks, oversample[1], rng)
         counts["rows"] += len(masks)
         counts["positive"] += int(masks.reshape(len(masks), -1).any(axis=1).sum())
-        yield augmented_batch(images, masks, pipeline, rng)
+        yield augmented_batch(images, masks, pipeline, rng, pin=pin)
+    if keep is not None:
+        keep(kept)
+
+
+def hold_shard(cfg: Config, rows: int, local_world_size: int) -> bool:
+    """Whether a worker keeps its `rows` training rows in memory after the first epoch: they must
+    fit `compute.hold_shard_mb` and half the node's available memory shared by its local workers
+    (the rows are joined once at the end of the epoch that reads them: twice their size then)."""
+    if cfg.compute.hold_shard_mb <= 0 or rows <= 0:
+        return False
+    from ptxray.batchsize import available_memory_bytes
+
+    s = cfg.preprocess.image_size_px
+    shard_bytes = rows * (cfg.model.in_channels + 1) * s * s
+    room = available_memory_bytes() // (4 * max(1, local_world_size))
+    return shard_bytes <= min(cfg.compute.hold_shard_mb * 2**20, room)
 
 
 class _Failure:
@@ -275,10 +314,12 @@ class ShardStreams:
     `train(epoch)` returns the epoch's train stream (started during the previous validation when
     possible) and starts this epoch's val stream; `val()` returns that and starts the next epoch's
     train stream. Every rank does the same, so the streaming splits' per-epoch barriers line up.
+    With `hold`, the first train stream read to its end is kept (`held_rows`) and later epochs
+    draw from it instead of the Ray dataset shard (module doc).
 
     Randomness of epoch e on rank r: `default_rng([train.seed, e, r])` (fit's epoch generator is
     `default_rng([train.seed, e])`; the rank is added so ranks differ, and the stream can be built
-    before fit asks for it). It seeds the shuffle buffer, then the augmentation.
+    before fit asks for it). It seeds the shuffle (buffer or permutation), then host augmentation.
     """
 
     def __init__(
@@ -289,31 +330,58 @@ class ShardStreams:
         rank: int,
         depth: int = 4,
         natural_positive_rate: float = 0.0,
+        *,
+        host_augment: bool = True,
+        pin: bool = False,
+        hold: bool = False,
     ):
         """`val_rows()` yields this rank's validation (images, masks, ids) chunks, once per call;
-        `depth` is how many train batches the background thread may build ahead."""
+        `depth` is how many train batches the background thread may build ahead; `host_augment`:
+        augment in the thread (else hand over uint8 for the device); `pin`: pinned batches."""
         self._cfg, self._train_shard, self._val_rows = cfg, train_shard, val_rows
-        oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
-        self.reservoir = PositiveReservoir(natural_positive_rate) if oversampling else None
+        self._oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
+        self.reservoir = PositiveReservoir(natural_positive_rate) if self._oversampling else None
         self._train_counts: dict[int, dict[str, int]] = {}
         self._rank, self._depth = rank, depth
+        self._host_augment, self._pin, self._hold = host_augment, pin, hold
+        self._held: tuple[np.ndarray, np.ndarray] | None = None  # (images (N, C, S, S), masks (N, S, S))
         self._epoch = -1
         self._train: Prefetch | None = None
         self._next_train: tuple[int, Prefetch] | None = None
         self._val: Prefetch | None = None
 
+    @property
+    def held_rows(self) -> int:
+        """Rows held in memory (0 while streaming)."""
+        return 0 if self._held is None else len(self._held[1])
+
+    def _keep(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        if chunks and self._held is None:
+            self._held = (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
+            log.info("rank %d: holding its %d training rows in memory from now on", self._rank, len(self._held[1]))
+
     def _start_train(self, epoch: int) -> Prefetch:
         rng = np.random.default_rng([self._cfg.train.seed, epoch, self._rank])
-        # One pipeline per stream: augment re-seeds its pipeline, so two threads must not share one.
-        pipeline = build_augment(self._cfg.augment.recipe, self._cfg.preprocess.image_size_px)
-        size = self._cfg.train.batch_size
         t = self._cfg.train
+        # One pipeline per stream: augment re-seeds its pipeline, so two threads must not share one.
+        pipeline = build_augment(self._cfg.augment.recipe, self._cfg.preprocess.image_size_px) if self._host_augment else None
+        counts = self._train_counts.setdefault(epoch, {"rows": 0, "positive": 0})
+        if self._held is not None:
+            images, masks = self._held
+
+            def from_memory() -> Iterator[dict[str, torch.Tensor]]:
+                labels = masks.reshape(len(masks), -1).any(axis=1)
+                idx = epoch_indices(labels, epoch, t.epochs, t.pos_rate_start, t.pos_rate_end, rng)
+                counts["rows"], counts["positive"] = len(idx), int(labels[idx].sum())
+                return batches_from_arrays(images, masks, idx, t.batch_size, pipeline, rng, pin=self._pin)
+
+            return Prefetch(from_memory, self._depth, f"train-{epoch}")
         oversample = None
         if self.reservoir is not None:
             oversample = (self.reservoir, positive_rate_for_epoch(epoch, t.epochs, t.pos_rate_start, t.pos_rate_end))
-        counts = self._train_counts.setdefault(epoch, {"rows": 0, "positive": 0})
+        keep = self._keep if self._hold else None
         return Prefetch(
-            lambda: _shard_batches(self._train_shard, size, pipeline, rng, oversample, counts),
+            lambda: _shard_batches(self._train_shard, t.batch_size, pipeline, rng, oversample, counts, self._pin, keep),
             self._depth,
             f"train-{epoch}",
         )
@@ -324,7 +392,7 @@ class ShardStreams:
         return counts["positive"] / counts["rows"] if counts["rows"] else math.nan
 
     def _start_val(self) -> Prefetch:
-        return Prefetch(lambda: (augmented_batch(i, m) for i, m, _ in self._val_rows()), 4, "val")
+        return Prefetch(lambda: (augmented_batch(i, m, pin=self._pin) for i, m, _ in self._val_rows()), 4, "val")
 
     def train(self, epoch: int) -> Prefetch:
         self._epoch = epoch
@@ -395,6 +463,22 @@ def restore_checkpoint(checkpoint: Any, into: Path) -> Path:
     return last
 
 
+class NullModel(torch.nn.Module):
+    """A model that costs next to nothing (one weight times the first channel), for measuring the
+    data path: it follows the model contract (seg_logits (B, 1, H, W), cls_logits (B, 1))."""
+
+    input_multiple = 1
+    min_input_px = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = x[:, :1] * self.weight  # (B, 1, H, W)
+        return seg, seg.mean(dim=(2, 3))  # (B, 1, H, W), (B, 1)
+
+
 class DebugHooks:
     """The test hooks of a train loop config (`debug_dir`, `debug_hold_after_epoch`; module doc),
     shared by Ray Train workers and trials that train in their own process (ptxray.ray_tune)."""
@@ -402,6 +486,7 @@ class DebugHooks:
     def __init__(self, config: dict[str, Any], rank: int, resumed: bool):
         self.dir = Path(config["debug_dir"]) if config.get("debug_dir") else None
         self.hold_after = config.get("debug_hold_after_epoch")
+        self.null_model = bool(config.get("debug_null_model"))
         self.rank, self.resumed = rank, resumed
 
     def started(self) -> None:
@@ -442,10 +527,10 @@ def _resolve_auto_batch_size(cfg: Config, device: torch.device, n_train: int, ct
 
 
 def prefetch_depth(cfg: Config, batch_size: int) -> int:
-    """Train batches the background thread may hold: `compute.prefetch_mb` of float32 images and
+    """Train batches the background thread may hold: `compute.prefetch_mb` of uint8 images and
     masks, at least 4."""
     s = cfg.preprocess.image_size_px
-    batch_bytes = batch_size * (cfg.model.in_channels + 1) * s * s * 4
+    batch_bytes = batch_size * (cfg.model.in_channels + 1) * s * s
     return max(4, int(cfg.compute.prefetch_mb * 2**20 // max(1, batch_bytes)))
 
 
@@ -471,7 +556,7 @@ def train_loop_per_worker(config: dict) -> None:
         n_train = len(train_labels) // world_size  # rows per rank after the equal split
         cfg = _resolve_auto_batch_size(cfg, device, n_train, ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model)
+        model = NullModel() if debug.null_model else build_model(cfg.model)
         if cfg.compute.channels_last:
             # Before DDP wraps it: DDP's buckets follow the parameters' layout at construction.
             model = model.to(device, memory_format=torch.channels_last)
@@ -479,6 +564,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         batch_size = cfg.train.batch_size
         my_val_ids = cache.split_ids(cfg.train.fold)[1][rank::world_size]
+        device_augment = device_augment_for(cfg, device)
         streams = ShardStreams(
             cfg,
             ray.train.get_dataset_shard("train"),
@@ -486,6 +572,9 @@ def train_loop_per_worker(config: dict) -> None:
             rank,
             depth=prefetch_depth(cfg, batch_size),
             natural_positive_rate=float(train_labels.mean()) if len(train_labels) else 0.0,
+            host_augment=device_augment is None,
+            pin=device.type == "cuda",
+            hold=hold_shard(cfg, n_train, ctx.get_local_world_size()),
         )
 
         def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
@@ -503,6 +592,7 @@ def train_loop_per_worker(config: dict) -> None:
             ended = time.time()
             report = report_metrics(metrics)
             report["train_positive_fraction"] = streams.positive_fraction(epoch)
+            report["train_held_rows"] = streams.held_rows
             if rank == 0:
                 assert run_dir is not None
                 with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
@@ -527,6 +617,8 @@ def train_loop_per_worker(config: dict) -> None:
             resume_from=resume_from,
             on_epoch_end=on_epoch_end,
             steps_per_epoch=steps,
+            device_augment=device_augment,
+            augment_rank=rank,
         )
     finally:
         if streams is not None:
@@ -535,6 +627,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 __all__ = [
-    "CHECKPOINTS_TO_KEEP", "DebugHooks", "Prefetch", "ShardStreams", "make_trainer", "prefetch_depth", "report_metrics",
+    "CHECKPOINTS_TO_KEEP", "DebugHooks", "NullModel", "Prefetch", "ShardStreams", "hold_shard", "make_trainer", "prefetch_depth", "report_metrics",
     "restore_checkpoint", "run_fold", "stage_checkpoint", "storage_for_ray", "train_loop_per_worker", "worker_resources",
 ]  # fmt: skip

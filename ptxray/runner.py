@@ -1,7 +1,9 @@
 """Train one fold in this process, no Ray: the cache -> augmented batches -> `engine.fit`.
 
 The Ray Train worker loop (ray_train.py) builds its batches with the same `augmented_batch`, so
-the data a model sees does not depend on where it trains.
+the data a model sees does not depend on where it trains. Batches are handed over as uint8
+(`engine.uint8_batch`, pinned when training on a GPU); with `augment.where` resolving to
+"device" the host only gathers them and `engine.fit` augments them on the device.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ptxray.augment import augment, build_augment
+from ptxray.augment import DeviceAugment, augment, build_augment, build_device_augment, resolve_where
 from ptxray.cache import Cache
 from ptxray.config import Config
-from ptxray.engine import FitResult, batch_from_numpy, epoch_indices, fit
+from ptxray.engine import FitResult, epoch_indices, fit, uint8_batch
 from ptxray.models import build_model
 
 log = logging.getLogger("ptxray")
@@ -31,14 +33,19 @@ def batches_from_arrays(
     pipeline: Any = None,
     rng: np.random.Generator | None = None,
     max_batches: int = 0,
+    pin: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in `indices` order; augmented (randomness from `rng` only) when a pipeline is given."""
+    """uint8 batches in `indices` order; augmented on the host (randomness from `rng` only) when a
+    pipeline is given; in pinned memory when `pin`."""
     n_batches = (len(indices) + batch_size - 1) // batch_size
     if max_batches:
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
         sel = indices[b * batch_size : (b + 1) * batch_size]
-        yield augmented_batch(images[sel], masks[sel], pipeline, rng)
+        if pipeline is None:
+            yield uint8_batch(images, masks, sel, pin=pin)  # one gather, straight into the hand-over
+        else:
+            yield augmented_batch(images[sel], masks[sel], pipeline, rng, pin=pin)
 
 
 def augmented_batch(
@@ -46,13 +53,14 @@ def augmented_batch(
     masks: np.ndarray,  # uint8 (B, S, S)
     pipeline: Any = None,
     rng: np.random.Generator | None = None,
+    pin: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One batch, each pair augmented in order with randomness from `rng` (pipeline None: as is)."""
+    """One uint8 batch, each pair augmented in order with randomness from `rng` (pipeline None: as is)."""
     if pipeline is not None:
         pairs = [augment(i, m, pipeline, rng) for i, m in zip(images, masks)]
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])
-    return batch_from_numpy(images, masks)
+    return uint8_batch(images, masks, pin=pin)
 
 
 @dataclass
@@ -77,16 +85,20 @@ def steps_per_epoch(cfg: Config, n_train: int) -> int:
 
 
 def make_batch_fns(
-    cfg: Config, data: FoldData, progress: bool = False
+    cfg: Config, data: FoldData, progress: bool = False, *, where: str = "host", pin: bool = False
 ) -> tuple[Callable[[int, np.random.Generator], Iterator], Callable[[], Iterator]]:
-    pipeline = build_augment(cfg.augment.recipe, cfg.preprocess.image_size_px)
+    """(train_batches, val_batches) for `engine.fit`: train batches augmented on the host when
+    `where` is "host", handed over as they are for device augmentation when "device"."""
+    if where not in ("host", "device"):
+        raise ValueError(f"make_batch_fns: where must be 'host' or 'device' (resolve augment.where first), got {where!r}")
+    pipeline = build_augment(cfg.augment.recipe, cfg.preprocess.image_size_px) if where == "host" else None
     labels = data.train_masks.reshape(len(data.train_masks), -1).any(axis=1)
     epochs = cfg.train.epochs
 
     def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
         idx = epoch_indices(labels, epoch, epochs, cfg.train.pos_rate_start, cfg.train.pos_rate_end, rng)
         batches = batches_from_arrays(
-            data.train_images, data.train_masks, idx, cfg.train.batch_size, pipeline, rng, cfg.train.max_steps_per_epoch
+            data.train_images, data.train_masks, idx, cfg.train.batch_size, pipeline, rng, cfg.train.max_steps_per_epoch, pin
         )
         if progress:
             from tqdm import tqdm
@@ -96,9 +108,18 @@ def make_batch_fns(
         return batches
 
     def val_batches() -> Iterator:
-        return batches_from_arrays(data.val_images, data.val_masks, np.arange(len(data.val_images)), cfg.train.batch_size)
+        return batches_from_arrays(
+            data.val_images, data.val_masks, np.arange(len(data.val_images)), cfg.train.batch_size, pin=pin
+        )
 
     return train_batches, val_batches
+
+
+def device_augment_for(cfg: Config, device: torch.device) -> DeviceAugment | None:
+    """The device augmentation `augment.where` asks for when training on `device` (None: host)."""
+    if resolve_where(cfg.augment.where, device) != "device":
+        return None
+    return build_device_augment(cfg.augment.recipe, cfg.preprocess.image_size_px)
 
 
 def train_fold(
@@ -134,8 +155,12 @@ def train_fold(
     )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev)
-    train_batches, val_batches = make_batch_fns(cfg, data, progress=progress)
+    device_augment = device_augment_for(cfg, dev)
+    where = "host" if device_augment is None else "device"
+    log.info("augmentation %r on the %s", cfg.augment.recipe, where)
+    train_batches, val_batches = make_batch_fns(cfg, data, progress=progress, where=where, pin=dev.type == "cuda")
     return fit(
         model, cfg, train_batches, val_batches, run_dir=run_dir, device=dev, resume=resume,
         steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)), resume_from=resume_from, on_epoch_end=on_epoch_end,
+        device_augment=device_augment,
     )

@@ -293,3 +293,25 @@ def test_recipes_build_and_run_at_small_and_large_sizes(recipe, size):
     out_img, out_mask = G.augment(image, mask, pipeline, np.random.default_rng(1))
     assert out_img.shape == image.shape and out_mask.shape == mask.shape
     assert set(np.unique(out_mask)) <= {0, 1}
+
+
+def test_each_transform_draws_independently():
+    # albumentations' Compose.set_random_seed hands every transform the same seed, so transforms
+    # re-seeded per call would draw the same first number: the paper's horizontal and vertical flips
+    # (p=0.5 each) would always come together (never a mirror image), and kaggle's flip, affine
+    # (p=0.5) and intensity choice (p=0.5) likewise. Each transform must get its own stream.
+    paper = G.build_augment("paper", SIZE)
+    flips = A.Compose(list(paper.transforms[:2]), seed=0)
+    image = np.zeros((1, SIZE, SIZE), np.uint8)
+    image[0, :8, :8] = 255  # a marker in the top-left corner shows which flips were applied
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    rng = np.random.default_rng(0)
+    seen = {}
+    n = 400
+    for _ in range(n):
+        out, _ = G.augment(image, mask, flips, rng)
+        corner = (bool(out[0, 0, -1]), bool(out[0, -1, 0]), bool(out[0, -1, -1]))  # h, v, both
+        seen[corner] = seen.get(corner, 0) + 1
+    assert len(seen) == 4, seen
+    for count in seen.values():  # each of the four combinations about 1/4 of the time
+        assert abs(count / n - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n), seen

@@ -176,8 +176,8 @@ def test_make_trainer_checks_its_inputs(cache_64px, tmp_path):
     assert trainer.scaling_config.num_workers == 2 and trainer.train_loop_config["cache"] == cache_64px["cache"]
     # Only train is a Ray dataset (streaming_split); each rank reads its validation rows itself.
     assert set(trainer.datasets) == {"train"}
-    # The prefetch budget in batches: 512 MiB of float32 (3 channels + mask) at 64 px, batch 8.
-    assert ray_train.prefetch_depth(cfg, 8) == 512 * 2**20 // (8 * 4 * 64 * 64 * 4)
+    # The prefetch budget in batches: 512 MiB of uint8 (3 channels + mask) at 64 px, batch 8.
+    assert ray_train.prefetch_depth(cfg, 8) == 512 * 2**20 // (8 * 4 * 64 * 64)
     assert ray_train.prefetch_depth(cfg.with_overrides({"compute.prefetch_mb": 0}), 8) == 4
 
 
