@@ -559,3 +559,68 @@ def test_train_epoch_skips_a_trailing_one_image_batch():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     out = engine.train_epoch(model, batches, optimizer, build_loss(cfg.loss), device="cpu")
     assert out["steps"] == 2 and out["images"] == 8
+
+
+# ---- uint8 hand-over and device augmentation --------------------------------------------------
+def test_uint8_batch_gathers_in_one_copy_and_the_device_scales_it():
+    images, masks = synth_images(6, 16, channels=2, seed=2)
+    masks[0] *= 255  # any non-zero is foreground
+    batch = engine.uint8_batch(images, masks, np.array([4, 0, 2]))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 2, 16, 16) and "label" not in batch
+    assert torch.equal(batch["image"], torch.from_numpy(images[[4, 0, 2]]))
+    assert torch.equal(batch["mask"], torch.from_numpy(masks[[4, 0, 2]]))
+    image, mask, label = engine._batch_to_device(batch, torch.device("cpu"), channels_last=False)
+    reference = batch_from_numpy(images[[4, 0, 2]], masks[[4, 0, 2]])
+    assert torch.equal(image, reference["image"]) and torch.equal(mask, reference["mask"])
+    assert torch.equal(label, reference["label"])
+    assert torch.equal(engine.uint8_batch(images, masks)["image"], torch.from_numpy(images))
+    with pytest.raises(ValueError, match="uint8_batch"):
+        engine.uint8_batch(images.astype(np.float32), masks)
+    with pytest.raises(ValueError, match="uint8_batch"):
+        engine.uint8_batch(images, masks[:, :8])
+
+
+def test_device_augmentation_needs_uint8_batches_and_relabels_after_augmenting():
+    from ptxray.augment import augment_generator, build_device_augment
+
+    images, masks = synth_images(4, 16, seed=3)
+    aug = build_device_augment("paper", 16)
+    with pytest.raises(ValueError, match="uint8"):
+        engine._batch_to_device(batch_from_numpy(images, masks), torch.device("cpu"), False, aug, augment_generator("cpu", [0]))
+
+    def moves_the_lesion_out(images, masks, generator):  # an augmentation that empties every mask
+        return images.float() / 255, torch.zeros_like(masks, dtype=torch.float32)
+
+    batch = engine.uint8_batch(images, masks)
+    batch["label"] = torch.ones(4, 1)  # a label from before augmentation must not survive it
+    _, mask, label = engine._batch_to_device(batch, torch.device("cpu"), False, moves_the_lesion_out, None)
+    assert mask.shape == (4, 1, 16, 16) and float(label.sum()) == 0.0
+
+
+def test_fit_with_device_augmentation_trains_and_a_seed_reproduces_it(tmp_path):
+    from ptxray.augment import build_device_augment
+
+    cfg = small_config(epochs=2).with_overrides({"model.dropout": 0.0, "model.cls_dropout": 0.0})
+    images, masks = synth_images(8, 32, seed=5)
+
+    def train_batches(epoch, rng):
+        order = rng.permutation(len(images))
+        return [engine.uint8_batch(images, masks, order[i : i + 4]) for i in (0, 4)]
+
+    def val_batches():
+        return [engine.uint8_batch(images, masks)]
+
+    runs = {}
+    for name, recipe in (("a", "paper"), ("b", "paper"), ("none", "none")):
+        result = fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=tmp_path / name, device="cpu",
+                     device_augment=build_device_augment(recipe, 32))  # fmt: skip
+        runs[name] = result.history
+    assert [h["epoch"] for h in runs["a"]] == [0, 1]
+    assert all(math.isfinite(h["train_loss"]) and h["train_first_batch_seconds"] >= 0 for h in runs["a"])
+    for key in ("train_loss", "val_loss", "val_dice"):
+        assert [h[key] for h in runs["a"]] == [h[key] for h in runs["b"]], key  # same seed, same stream
+    assert runs["a"][0]["train_loss"] != runs["none"][0]["train_loss"]  # the augmentation changed the data
+    # A different augment_rank (another DDP rank) draws another stream.
+    other = fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=None, device="cpu",
+                device_augment=build_device_augment("paper", 32), augment_rank=1).history  # fmt: skip
+    assert other[0]["train_loss"] != runs["a"][0]["train_loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -12,15 +13,22 @@ from ptxray.cli import main
 from ptxray.config import load_config
 
 
-def test_train_one_fold_writes_a_run_folder_and_resumes(ray_local, synth_dataset, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def smoke_cache(ray_local, synth_dataset, tmp_path_factory):
     from ptxray import ray_data
 
-    cfg = load_config("smoke")
+    root = tmp_path_factory.mktemp("train-cache")
     summary = ray_data.prepare(
-        cfg, images=str(synth_dataset / "dicom-images-train"), labels=str(synth_dataset / "train-rle.csv"), cache=str(tmp_path / "cache")
-    )
+        load_config("smoke"), images=str(synth_dataset / "dicom-images-train"), labels=str(synth_dataset / "train-rle.csv"),
+        cache=str(root),
+    )  # fmt: skip
+    return root, summary
+
+
+def test_train_one_fold_writes_a_run_folder_and_resumes(smoke_cache, tmp_path, capsys):
+    cache, summary = smoke_cache
     run = tmp_path / "run"
-    args = ["train", "--cache", str(tmp_path / "cache"), "--fold", "1", "--run-dir", str(run), "--config", "smoke",
+    args = ["train", "--cache", str(cache), "--fold", "1", "--run-dir", str(run), "--config", "smoke",
             "--set", "train.epochs=2", "--set", "optim.lr=1e-3", "--set", "augment.recipe=kaggle"]
     assert main(args) == 0
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -38,6 +46,24 @@ def test_train_one_fold_writes_a_run_folder_and_resumes(ray_local, synth_dataset
     assert main(args[:-6] + ["--set", "train.epochs=3", "--set", "optim.lr=1e-3", "--set", "augment.recipe=kaggle"]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1, 2]
+
+
+def test_train_with_augmentation_on_the_device_on_cpu(smoke_cache, tmp_path, caplog):
+    # augment.where=device on a CPU: the batches stay uint8 until the (CPU) device augments them;
+    # it trains, and the seed reproduces it (the augmentation draws from a seeded generator).
+    cache, _ = smoke_cache
+    histories = []
+    caplog.set_level("INFO", logger="ptxray")
+    for name in ("a", "b"):
+        args = ["train", "--cache", str(cache), "--fold", "0", "--run-dir", str(tmp_path / name), "--config", "smoke",
+                "--set", "train.epochs=2", "--set", "augment.where=device", "--set", "augment.recipe=kaggle"]  # fmt: skip
+        assert main(args) == 0
+        histories.append([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert [m["epoch"] for m in histories[0]] == [0, 1]
+    assert "augmentation 'kaggle' on the device" in caplog.text
+    for a, b in zip(*histories):
+        assert 0.0 <= a["val_dice"] <= 1.0 and a["train_loss"] > 0
+        assert {k: a[k] for k in ("train_loss", "val_loss", "val_dice")} == {k: b[k] for k in ("train_loss", "val_loss", "val_dice")}
 
 
 def test_train_cli_errors_are_named(tmp_path, capsys):
