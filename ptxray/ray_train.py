@@ -81,10 +81,8 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -103,7 +101,7 @@ from ptxray.cache import Cache, table_to_arrays
 from ptxray.config import Config, config_from_dict
 from ptxray.engine import PositiveReservoir, epoch_indices, fit, positive_rate_for_epoch
 from ptxray.models import build_model
-from ptxray.runner import augmented_batch, batches_from_arrays, device_augment_for
+from ptxray.runner import Prefetch, augmented_batch, batches_from_arrays, device_augment_for
 from ptxray.storage import is_uri, s3_filesystem_from_env
 
 log = logging.getLogger("ptxray")
@@ -251,61 +249,6 @@ def hold_shard(cfg: Config, rows: int, local_world_size: int) -> bool:
     shard_bytes = rows * (cfg.model.in_channels + 1) * s * s
     room = available_memory_bytes() // (4 * max(1, local_world_size))
     return shard_bytes <= min(cfg.compute.hold_shard_mb * 2**20, room)
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class Prefetch:
-    """Iterate `make()` in a daemon thread, at most `depth` items ahead of the consumer.
-
-    Each epoch of a streamed shard starts a Ray Data execution whose first rows take a second or
-    more to arrive (scheduling the listing and read tasks); a stream started early hides that
-    behind the previous step of the epoch. Batches are built (decoded and augmented) in the
-    thread too: OpenCV and torch release the GIL, so this overlaps with the training step.
-    Single use; `close()` stops the thread at its next item.
-    """
-
-    _END = object()
-
-    def __init__(self, make: Callable[[], Iterable], depth: int = 4, name: str = "ptxray-prefetch"):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(make,), daemon=True, name=name)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, make: Callable[[], Iterable]) -> None:
-        try:
-            for item in make():
-                if not self._put(item):
-                    return  # closed: leaving the loop closes the generator and its Ray iterator
-        except BaseException as e:  # handed to the consumer, which re-raises it in its thread
-            self._put(_Failure(e))
-            return
-        self._put(self._END)
-
-    def __iter__(self) -> Iterator:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 class ShardStreams:

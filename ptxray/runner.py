@@ -9,6 +9,9 @@ the data a model sees does not depend on where it trains. Batches are handed ove
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -61,6 +64,62 @@ def augmented_batch(
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])
     return uint8_batch(images, masks, pin=pin)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetch:
+    """Iterate `make()` in a daemon thread, at most `depth` items ahead of the consumer.
+
+    Each epoch of a streamed shard starts a Ray Data execution whose first rows take a second or
+    more to arrive (scheduling the listing and read tasks); a stream started early hides that
+    behind the previous step of the epoch (ptxray.ray_train). Batches are built (read, gathered,
+    augmented on the host) in the thread too: OpenCV, numpy copies and torch release the GIL,
+    so this overlaps with the training step, and on a GPU the step does not wait for the host.
+    Single use; `close()` stops the thread at its next item.
+    """
+
+    _END = object()
+
+    def __init__(self, make: Callable[[], Iterable], depth: int = 4, name: str = "ptxray-prefetch"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(make,), daemon=True, name=name)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, make: Callable[[], Iterable]) -> None:
+        try:
+            for item in make():
+                if not self._put(item):
+                    return  # closed: leaving the loop closes the generator and its Ray iterator
+        except BaseException as e:  # handed to the consumer, which re-raises it in its thread
+            self._put(_Failure(e))
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 @dataclass
@@ -122,6 +181,24 @@ def device_augment_for(cfg: Config, device: torch.device) -> DeviceAugment | Non
     return build_device_augment(cfg.augment.recipe, cfg.preprocess.image_size_px)
 
 
+class PrefetchedEpochs:
+    """`train_batches(epoch, rng)` whose batches are built `depth` ahead in a `Prefetch` thread;
+    starting an epoch (or `close()`) stops the previous epoch's thread."""
+
+    def __init__(self, train_batches: Callable[[int, np.random.Generator], Iterable], depth: int = 4):
+        self._train_batches, self._depth = train_batches, depth
+        self._current: Prefetch | None = None
+
+    def __call__(self, epoch: int, rng: np.random.Generator) -> Prefetch:
+        self.close()
+        self._current = Prefetch(lambda: self._train_batches(epoch, rng), self._depth, f"train-{epoch}")
+        return self._current
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+
+
 def train_fold(
     cfg: Config,
     cache_uri: str,
@@ -159,8 +236,15 @@ def train_fold(
     where = "host" if device_augment is None else "device"
     log.info("augmentation %r on the %s", cfg.augment.recipe, where)
     train_batches, val_batches = make_batch_fns(cfg, data, progress=progress, where=where, pin=dev.type == "cuda")
-    return fit(
-        model, cfg, train_batches, val_batches, run_dir=run_dir, device=dev, resume=resume,
-        steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)), resume_from=resume_from, on_epoch_end=on_epoch_end,
-        device_augment=device_augment,
-    )
+    if dev.type == "cuda":
+        # The host gathers (and, with where=host, augments) the next batches while the GPU trains.
+        train_batches = PrefetchedEpochs(train_batches)
+    try:
+        return fit(
+            model, cfg, train_batches, val_batches, run_dir=run_dir, device=dev, resume=resume,
+            steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)), resume_from=resume_from,
+            on_epoch_end=on_epoch_end, device_augment=device_augment,
+        )
+    finally:
+        if isinstance(train_batches, PrefetchedEpochs):
+            train_batches.close()
