@@ -82,6 +82,8 @@ def test_two_workers_report_identical_metrics_and_checkpoint_to_s3(cache_64px, m
         # trailing one-image batch is skipped (BatchNorm cannot train on one sample).
         assert m0["val_n_images"] == n_val
         per_rank = n_train // 2
+        # Each rank keeps the rows of its first streamed epoch; epoch 1 trains from memory.
+        assert m0["train_held_rows"] == m1["train_held_rows"] == per_rank
         assert m0["train_images"] == 2 * (per_rank - (1 if per_rank % cfg.train.batch_size == 1 else 0))
         assert 0.0 <= m0["data_wait_fraction"] <= 1.0
         assert all(type(v) in (float, int) for v in m0.values())
@@ -183,10 +185,12 @@ def test_make_trainer_checks_its_inputs(cache_64px, tmp_path):
 
 def test_positive_oversampling_on_streamed_shards(cache_64px, tmp_path):
     """pos_rate 0.8 on Ray Train: the worker swaps negatives for earlier positives of its stream,
-    so the positive fraction it trains on rises far above the split's natural rate."""
+    so the positive fraction it trains on rises far above the split's natural rate. Streamed every
+    epoch (hold_shard_mb 0), with the augmentation on the (CPU) device: the worker hands over uint8."""
     fold0 = next(f for f in cache_64px["folds"] if f["fold"] == 0)
     natural = (cache_64px["positive"] - fold0["positive"]) / (cache_64px["images"] - fold0["images"])
-    cfg = _cfg(**{"train.epochs": 2, "train.pos_rate_start": 0.8, "train.pos_rate_end": 0.8})
+    cfg = _cfg(**{"train.epochs": 2, "train.pos_rate_start": 0.8, "train.pos_rate_end": 0.8,
+                  "compute.hold_shard_mb": 0, "augment.where": "device"})  # fmt: skip
     debug = tmp_path / "debug"
     result = _trainer(cfg, cache_64px["cache"], "oversample", tmp_path / "runs", debug).fit()
     assert result.error is None
@@ -196,3 +200,20 @@ def test_positive_oversampling_on_streamed_shards(cache_64px, tmp_path):
     # Only ~10 rows an epoch here, so the check pools both epochs and keeps a wide margin.
     pooled = sum(r["train_positive_fraction"] for r in records) / 2
     assert pooled > natural + 0.3, (natural, [r["train_positive_fraction"] for r in records])
+    assert [r["train_held_rows"] for r in records] == [0, 0]  # streamed both epochs
+    assert all(math.isfinite(r["train_loss"]) for r in records)
+
+
+def test_hold_shard_when_it_fits_the_budget_and_the_memory():
+    from ptxray import ray_train
+    from ptxray.batchsize import available_memory_bytes
+
+    cfg = load_config(None, {"preprocess.image_size_px": 512, "compute.hold_shard_mb": 100})
+    row_bytes = 4 * 512 * 512  # 3 channels + mask, uint8
+    assert ray_train.hold_shard(cfg, 100 * 2**20 // row_bytes, 1)
+    assert not ray_train.hold_shard(cfg, 100 * 2**20 // row_bytes + 1, 1)  # over the budget
+    assert not ray_train.hold_shard(cfg.with_overrides({"compute.hold_shard_mb": 0}), 10, 1)  # streaming asked for
+    huge = cfg.with_overrides({"compute.hold_shard_mb": 10**9})
+    too_many = available_memory_bytes() // (4 * row_bytes) + 1  # over a quarter of the free memory
+    assert not ray_train.hold_shard(huge, too_many, 1) and ray_train.hold_shard(huge, 10, 1)
+    assert not ray_train.hold_shard(huge, too_many // 4 + 1, 4)  # four workers on the node share it
