@@ -67,7 +67,8 @@ and so DDP step counts, stay equal on every rank.
 
 Test and benchmark hooks (never set in production) in `train_loop_config`:
 - `debug_dir`: each rank writes `start-rank<R>-pid<PID>.json` when it starts and appends one JSON
-  line per epoch (rank, pid, time, reported metrics) to `epochs-rank<R>.jsonl`.
+  line per epoch (rank, pid, time, the process's CPU seconds so far, reported metrics) to
+  `epochs-rank<R>.jsonl`.
 - `debug_hold_after_epoch`: on an attempt that did not resume from a checkpoint, every rank waits
   after reporting that epoch until `<debug_dir>/release` exists (at most 300 s), so a test can kill
   a worker at a known point.
@@ -282,8 +283,8 @@ class ShardStreams:
         `depth` is how many train batches the background thread may build ahead; `host_augment`:
         augment in the thread (else hand over uint8 for the device); `pin`: pinned batches."""
         self._cfg, self._train_shard, self._val_rows = cfg, train_shard, val_rows
-        self._oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
-        self.reservoir = PositiveReservoir(natural_positive_rate) if self._oversampling else None
+        oversampling = cfg.train.pos_rate_start > 0 or cfg.train.pos_rate_end > 0
+        self.reservoir = PositiveReservoir(natural_positive_rate) if oversampling else None
         self._train_counts: dict[int, dict[str, int]] = {}
         self._rank, self._depth = rank, depth
         self._host_augment, self._pin, self._hold = host_augment, pin, hold
@@ -443,7 +444,7 @@ class DebugHooks:
     def epoch_reported(self, epoch: int, report: dict[str, Any], ended: float) -> None:
         if self.dir is None:
             return
-        record = {"rank": self.rank, "pid": os.getpid(), "time": ended, "metrics": report}
+        record = {"rank": self.rank, "pid": os.getpid(), "time": ended, "process_cpu_seconds": time.process_time(), "metrics": report}
         _write_json_line(self.dir / f"epochs-rank{self.rank}.jsonl", record)
         if self.hold_after is not None and epoch == int(self.hold_after) and not self.resumed:
             (self.dir / f"held-rank{self.rank}-pid{os.getpid()}").touch()
