@@ -61,6 +61,8 @@ from ptxray.storage import is_uri, write_bytes_atomic
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
+# (uint8 images (B, C, H, W), uint8 masks (B, H, W), generator) -> (float images, float masks (B, H, W))
+DeviceAugmentFn = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
@@ -118,7 +120,7 @@ def _batch_to_device(
     batch: Mapping[str, Tensor],
     device: torch.device,
     channels_last: bool,
-    augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    augment: DeviceAugmentFn | None = None,
     generator: torch.Generator | None = None,
 ):
     try:
@@ -296,7 +298,7 @@ def train_epoch(
     grad_clip_norm: float = 0.0,
     penalty: Callable[[nn.Module], Tensor] | None = None,
     channels_last: bool = False,
-    augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    augment: DeviceAugmentFn | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One pass over `batches`: returns train_loss, train_dice, images, steps, seconds,
@@ -681,7 +683,7 @@ def fit(
     max_epochs: int | None = None,
     steps_per_epoch: int | None = None,
     resume_from: str | Path | None = None,
-    device_augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    device_augment: DeviceAugmentFn | None = None,
     augment_rank: int = 0,
 ) -> FitResult:
     """Train `model` for `cfg.train.epochs` epochs (0-based `epoch` indices throughout).
