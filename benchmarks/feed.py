@@ -269,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     # gives the Ray Train worker a fraction of the CPU the in-process run (nice 0) gets, which
     # measures the scheduler, not the data path: start them at the driver's priority instead.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    sizes = []
-    with tempfile.TemporaryDirectory(prefix="ptxr-feed-") as tmp:
-        for size in args.sizes:
-            sizes.append(measure_size(size, args, Path(tmp)))
-            print(json.dumps({k: v for k, v in sizes[-1].items() if k != "details"}, indent=2), flush=True)
+    sizes: list[dict[str, Any]] = []
     report = {
         "setup": {
             "images": args.images, "epochs": args.epochs, "batch_size": args.batch_size, "fold": 0, "num_folds": 5,
@@ -286,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"host_ms_per_image_at_512": 0.5, "ray_over_inprocess_max": 1.2},
         "sizes": sizes,
     }  # fmt: skip
-    write_report(report, args.out)
+    with tempfile.TemporaryDirectory(prefix="ptxr-feed-") as tmp:
+        for size in args.sizes:
+            sizes.append(measure_size(size, args, Path(tmp)))
+            print(json.dumps({k: v for k, v in sizes[-1].items() if k != "details"}, indent=2), flush=True)
+            report["setup"]["load_average_at_end"] = list(os.getloadavg())
+            write_report(report, args.out)  # after every size: a later failure keeps the earlier ones
     return 0
 
 

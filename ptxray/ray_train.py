@@ -19,9 +19,10 @@ What a run does:
   epoch (benchmarks/feed.py). When the rank's rows fit `compute.hold_shard_mb` (and half the
   node's available memory per local worker), the first streamed epoch keeps them as uint8 and
   later epochs draw from memory: a fresh permutation per epoch (exact positive oversampling with
-  `engine.epoch_indices`, as in-process), no Ray Data execution. Each rank then keeps the rows of
-  its first split for the whole run (like a DistributedSampler that does not reshuffle across
-  ranks; each rank still reshuffles its own rows every epoch).
+  `engine.epoch_indices`, as in-process), no Ray Data execution; its validation rows are kept
+  too (read from the cache once, not every epoch). Each rank then keeps the rows of its first
+  split for the whole run (like a DistributedSampler that does not reshuffle across ranks; each
+  rank still reshuffles its own rows every epoch).
 - Augmentation (`augment.where`, `runner.device_augment_for`): on the device (a GPU worker's
   default), the worker only reads, shuffles and hands over uint8 batches (`engine.uint8_batch`,
   pinned on CUDA) and `engine.fit` augments them on the GPU from a generator seeded by
@@ -259,7 +260,8 @@ class ShardStreams:
     possible) and starts this epoch's val stream; `val()` returns that and starts the next epoch's
     train stream. Every rank does the same, so the streaming splits' per-epoch barriers line up.
     With `hold`, the first train stream read to its end is kept (`held_rows`) and later epochs
-    draw from it instead of the Ray dataset shard (module doc).
+    draw from it instead of the Ray dataset shard (module doc); so are the validation rows, which
+    are then read from the cache once instead of every epoch.
 
     Randomness of epoch e on rank r: `default_rng([train.seed, e, r])` (fit's epoch generator is
     `default_rng([train.seed, e])`; the rank is added so ranks differ, and the stream can be built
@@ -289,6 +291,7 @@ class ShardStreams:
         self._rank, self._depth = rank, depth
         self._host_augment, self._pin, self._hold = host_augment, pin, hold
         self._held: tuple[np.ndarray, np.ndarray] | None = None  # (images (N, C, S, S), masks (N, S, S))
+        self._held_val: list[tuple[np.ndarray, np.ndarray]] | None = None  # validation chunks
         self._epoch = -1
         self._train: Prefetch | None = None
         self._next_train: tuple[int, Prefetch] | None = None
@@ -335,8 +338,20 @@ class ShardStreams:
         counts = self._train_counts.get(epoch) or {"rows": 0}
         return counts["positive"] / counts["rows"] if counts["rows"] else math.nan
 
+    def _val_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._held_val is not None:
+            yield from self._held_val
+            return
+        kept = []
+        for images, masks, _ in self._val_rows():
+            if self._hold:
+                kept.append((images, masks))
+            yield images, masks
+        if self._hold:  # read to its end: later epochs validate from memory
+            self._held_val = kept
+
     def _start_val(self) -> Prefetch:
-        return Prefetch(lambda: (augmented_batch(i, m, pin=self._pin) for i, m, _ in self._val_rows()), 4, "val")
+        return Prefetch(lambda: (augmented_batch(i, m, pin=self._pin) for i, m in self._val_chunks()), 4, "val")
 
     def train(self, epoch: int) -> Prefetch:
         self._epoch = epoch
@@ -518,7 +533,7 @@ def train_loop_per_worker(config: dict) -> None:
             natural_positive_rate=float(train_labels.mean()) if len(train_labels) else 0.0,
             host_augment=device_augment is None,
             pin=device.type == "cuda",
-            hold=hold_shard(cfg, n_train, ctx.get_local_world_size()),
+            hold=hold_shard(cfg, n_train + len(my_val_ids), ctx.get_local_world_size()),
         )
 
         def train_batches(epoch: int, rng: np.random.Generator) -> Iterator:
