@@ -58,3 +58,15 @@ def test_round_trip_and_hash_stability():
     assert again == cfg
     assert section_hash(cfg.preprocess) == section_hash(again.preprocess)
     assert section_hash(cfg.preprocess) != section_hash(cfg.with_overrides({"preprocess.beasf_gamma": 0.3}).preprocess)
+
+
+def test_augment_where_and_hold_shard_are_checked():
+    from ptxray.config import ConfigError, load_config
+
+    assert load_config(None).augment.where == "auto"
+    assert load_config(None, ["augment.where=device"]).augment.where == "device"
+    with pytest.raises(ConfigError, match="augment.where: 'gpu'"):
+        load_config(None, ["augment.where=gpu"])
+    assert load_config(None, ["compute.hold_shard_mb=0"]).compute.hold_shard_mb == 0
+    with pytest.raises(ConfigError, match="compute.hold_shard_mb"):
+        load_config(None, ["compute.hold_shard_mb=-1"])
