@@ -284,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ptxr-feed-") as tmp:
         for size in args.sizes:
-            sizes.append(measure_size(size, args, Path(tmp)))
+            for attempt in range(3):  # a busy machine can time out Ray's start-up; try again
+                try:
+                    sizes.append(measure_size(size, args, Path(tmp) / f"try{attempt}"))
+                    break
+                except Exception as e:
+                    if "timed out during startup" not in str(e) or attempt == 2:
+                        raise
+                    print(f"size {size}: Ray did not start ({e}); retrying", file=sys.stderr, flush=True)
+                    time.sleep(10)
             print(json.dumps({k: v for k, v in sizes[-1].items() if k != "details"}, indent=2), flush=True)
             report["setup"]["load_average_at_end"] = list(os.getloadavg())
             write_report(report, args.out)  # after every size: a later failure keeps the earlier ones

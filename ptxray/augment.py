@@ -277,8 +277,8 @@ def augment(
 # their own. Here every image's flips, rotation, x/y scale, shift and shear (and, for kaggle, the
 # elastic or grid field) become ONE sampling grid and one `grid_sample` per tensor (bilinear for
 # the image, nearest for the mask, zeros outside): one interpolation, as on the host. Measured on
-# this CPU, one thread, batch 8, flips + affine only for kornia, the whole paper recipe here:
-# kornia 3.8 / 15.9 ms per image at 256 / 512 px, this 1.6 / 8.3 ms.
+# this CPU (benchmarks/feed.py, one thread, batch 8): kornia's flips + affine alone 4.0 / 17.6 ms
+# per image at 256 / 512 px, the whole paper recipe here 1.5 / 7.3 ms.
 _AUGMENT_SEED_TAG = 0x617567  # "aug": keeps this stream apart from numpy ones seeded from the same numbers
 
 
