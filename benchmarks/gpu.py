@@ -75,16 +75,13 @@ def config_for(name: str, s: dict[str, Any]):
     })  # fmt: skip
 
 
-def train_rate(cfg, model, batches, device, *, augment=None, generator=None) -> dict[str, float]:
+def train_rate(cfg, model, optimizer, loss_fn, batches, device, *, augment=None, generator=None) -> dict[str, float]:
     """One `engine.train_epoch` over `batches`: images/s and the data wait fraction."""
-    from ptxray.engine import build_optimizer, train_epoch
-    from ptxray.losses import build_loss
+    from ptxray.engine import train_epoch
 
-    if not hasattr(model, "_bench_optimizer"):
-        model._bench_optimizer = build_optimizer(model, cfg.optim)
     stats = train_epoch(
-        model, batches, model._bench_optimizer, build_loss(cfg.loss).to(device), device=device, amp=cfg.compute.amp,
-        grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=cfg.compute.channels_last, augment=augment, generator=generator,
+        model, batches, optimizer, loss_fn, device=device, amp=cfg.compute.amp, grad_clip_norm=cfg.optim.grad_clip_norm,
+        channels_last=cfg.compute.channels_last, augment=augment, generator=generator,
     )  # fmt: skip
     return {
         "images_per_s": stats["images"] / stats["seconds"],
@@ -98,7 +95,8 @@ def measure_model(name: str, compiled: bool, data, s: dict[str, Any]) -> dict[st
     import torch
 
     from ptxray.augment import augment_generator, build_device_augment
-    from ptxray.engine import uint8_batch
+    from ptxray.engine import build_optimizer, uint8_batch
+    from ptxray.losses import build_loss
     from ptxray.models import build_model, count_parameters
     from ptxray.runner import Prefetch, batches_from_arrays
 
@@ -107,6 +105,7 @@ def measure_model(name: str, compiled: bool, data, s: dict[str, Any]) -> dict[st
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device, memory_format=torch.channels_last)
     step_model = torch.compile(model, backend=s["compile_backend"]) if compiled else model
+    train = dict(optimizer=build_optimizer(model, cfg.optim), loss_fn=build_loss(cfg.loss).to(device))
     b = s["batch_size"]
     out: dict[str, Any] = {"model": name, "compiled": compiled, "parameters": count_parameters(model)}
 
@@ -114,9 +113,9 @@ def measure_model(name: str, compiled: bool, data, s: dict[str, Any]) -> dict[st
     resident = uint8_batch(data.train_images, data.train_masks, np.arange(b) % len(data.train_images))
     resident = {"image": resident["image"].to(device).float().div_(255), "mask": resident["mask"].to(device).float()}
     t0 = time.perf_counter()
-    train_rate(cfg, step_model, [resident] * s["warmup_steps"], device)
+    train_rate(cfg, step_model, batches=[resident] * s["warmup_steps"], device=device, **train)
     out["warmup_seconds"] = time.perf_counter() - t0  # includes compiling
-    out["resident"] = train_rate(cfg, step_model, [resident] * s["steps"], device)
+    out["resident"] = train_rate(cfg, step_model, batches=[resident] * s["steps"], device=device, **train)
 
     # Fed: the real data path, with device augmentation.
     rng = np.random.default_rng(0)
@@ -128,8 +127,10 @@ def measure_model(name: str, compiled: bool, data, s: dict[str, Any]) -> dict[st
         return Prefetch(lambda: batches_from_arrays(data.train_images, data.train_masks, indices, b, pin=pin), 4, "bench-feed")
 
     augment = build_device_augment(cfg.augment.recipe, cfg.preprocess.image_size_px)
-    train_rate(cfg, step_model, feed(idx[: s["warmup_steps"] * b]), device, augment=augment, generator=augment_generator(device, [0]))
-    out["fed"] = train_rate(cfg, step_model, feed(idx), device, augment=augment, generator=augment_generator(device, [1]))
+    warm = feed(idx[: s["warmup_steps"] * b])
+    train_rate(cfg, step_model, batches=warm, device=device, augment=augment, generator=augment_generator(device, [0]), **train)
+    fed = feed(idx)
+    out["fed"] = train_rate(cfg, step_model, batches=fed, device=device, augment=augment, generator=augment_generator(device, [1]), **train)
     out["fed_over_resident"] = out["fed"]["images_per_s"] / out["resident"]["images_per_s"]
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
