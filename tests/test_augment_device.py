@@ -19,7 +19,7 @@ from scipy import stats
 from ptxray import augment as G
 
 A = G._albumentations()
-fgeo = pytest.importorskip("albumentations.augmentations.geometric.functional")
+import albumentations.augmentations.geometric.functional as fgeo  # noqa: E402  (after _albumentations set its env)
 
 SIZE = 128
 
