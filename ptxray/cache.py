@@ -38,7 +38,7 @@ from ptxray.folds import assign_folds
 from ptxray.masks import Labels, RleError
 from ptxray.preprocess import channels_from_config, resize_mask
 
-CACHE_FORMAT_VERSION = 2  # 2: JPEG frames decoded at a reduced DCT scale (read_for_training)
+CACHE_FORMAT_VERSION = 3  # 2: JPEG frames decoded at a reduced DCT scale (read_for_training); 3: masks area-resized (resize_mask)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # Image and mask are stored as raw uint8 bytes with their shape beside them: Arrow's fixed-shape

@@ -330,6 +330,48 @@ def test_resize_mask_accepts_common_mask_encodings(mask):
     np.testing.assert_array_equal(P.resize_mask(mask, 64), (mask != 0).astype(np.uint8))
 
 
+def _centroid(weights: np.ndarray) -> np.ndarray:
+    """(row, column) centroid of a non-negative (H, W) array, in pixel-centre coordinates."""
+    w = weights.astype(np.float64)
+    rows, cols = np.indices(w.shape)
+    return np.array([(rows * w).sum(), (cols * w).sum()]) / w.sum()
+
+
+@pytest.mark.parametrize("chain", [(512,), (128,), (512, 128)], ids=["1024-512", "1024-128", "1024-512-128"])
+def test_resized_mask_lines_up_with_the_area_resized_image(chain):
+    # A bright square on a dark 1024 px image, its mask the same square. The image goes through
+    # INTER_AREA (make_channels), step by step along `chain`; the mask goes straight to the last
+    # size, as the cache does. Nearest-neighbour sampling takes the first source pixel of each cell,
+    # not its centre: on average over the square's sub-cell positions the mask sits 0.25 px (at 512)
+    # and 0.44 px (at 128) off the image. A binary mask cannot follow a sub-cell shift (each edge
+    # snaps to a cell border, up to half a cell away), so the check is per position within half a
+    # pixel plus no bias over all the positions of one cell.
+    cell = 1024 // chain[-1]
+    offsets = []
+    for shift in range(cell):
+        mask = np.zeros((1024, 1024), np.uint8)
+        mask[301 + shift : 559 + shift, 123 + shift : 701 + shift] = 1
+        image = mask * np.uint8(255)
+        for size in chain:
+            image = P.make_channels(image, ("raw",), size)[0]
+        small = P.resize_mask(mask, chain[-1])
+        assert image.shape == small.shape == (chain[-1], chain[-1])
+        offsets.append(_centroid(small) - _centroid(image))
+    offsets = np.array(offsets)  # (cell, 2): (row, column) of mask minus image, in output px
+    assert np.abs(offsets).max() <= 0.5, offsets
+    np.testing.assert_allclose(offsets.mean(axis=0), 0.0, atol=0.05)
+
+
+def test_resized_mask_keeps_a_lesion_smaller_than_half_a_cell():
+    # A 3 x 3 px lesion covers under half of every 8 x 8 cell at 1024 -> 128: the mask must not
+    # come out empty (the cache's label says positive), so the most-covered cell is kept.
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[403:406, 602:605] = 1
+    small = P.resize_mask(mask, 128)
+    assert small.sum() == 1 and small[50, 75] == 1
+    assert not P.resize_mask(np.zeros((1024, 1024), np.uint8), 128).any()
+
+
 def test_resize_mask_errors():
     with pytest.raises(ValueError, match="resize_mask"):
         P.resize_mask(np.zeros((4, 4, 1), np.uint8), 8)
