@@ -44,7 +44,7 @@ from ptxray import storage
 from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest
 from ptxray.config import PreprocessConfig
 from ptxray.dicom import DicomError, Scan
-from ptxray.masks import encode_rle
+from ptxray.masks import decode_rle, encode_rle
 from ptxray.postprocess import (
     OOF_FILE,
     THRESHOLDS_FILE,
@@ -190,22 +190,18 @@ class Predictor:
         self.pre = run.config.preprocess
         self.ensemble = Ensemble.from_run(run, device, tta=tta)
         self.th = Thresholds.from_dict(thresholds)
-        self.out = out
-        self.write_images = write_images
         self.display_prefix = display_prefix
-        self.write_seg = None
-        if dicom_seg:
-            try:
-                from ptxray.export import write_dicom_seg
-            except ImportError as e:
-                raise ValueError(f"--dicom-seg needs ptxray.export.write_dicom_seg ({e})") from None
-            self.write_seg = write_dicom_seg
+        self.pictures = Pictures(out, self.th, write_images=write_images, dicom_seg=dicom_seg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
         good: list[tuple[int, bytes, Scan, np.ndarray]] = []
-        for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+        read_errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+        for data, path, read_error in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), read_errors):
             path = self.display_prefix + path
+            if read_error is not None:
+                rows.append({"path": path, "error": read_error})
+                continue
             try:
                 scan, stack = preprocess_dicom(data, path, self.pre)
             except DicomError as e:
@@ -224,22 +220,7 @@ class Predictor:
     def _finish(self, scan: Scan, data: bytes, prob_u8: np.ndarray, keep: bool, cls_prob: float) -> dict[str, Any]:
         h, w = scan.rows, scan.columns  # the stored size (scan.image may be a reduced-scale decode)
         mask = full_size_mask(prob_u8, keep, self.th, h, w)  # bool (H, W)
-        if self.write_images:
-            storage.write_bytes_atomic(storage.join(self.out, "masks", f"{scan.image_id}.png"), encode_png(mask.astype(np.uint8) * 255))
-            # The radiograph was decoded at a reduced DCT scale when the model is small: scale it
-            # back up to the stored size so the overlay lines up with the full-size mask.
-            image = scan.image if scan.image.shape == (h, w) else cv2.resize(scan.image, (w, h), interpolation=cv2.INTER_LINEAR)
-            storage.write_bytes_atomic(storage.join(self.out, "overlays", f"{scan.image_id}.png"), encode_png(overlay(image, mask)))
-        seg_error = None
-        if self.write_seg is not None and mask.any():
-            params = {k: str(v) for k, v in self.th.to_dict().items() if k in ("rule", "top_score", "min_area_px", "bin_threshold", "cls_threshold")}
-            try:
-                self.write_seg(
-                    data, mask.astype(np.uint8), storage.join(self.out, "seg", f"{scan.image_id}.dcm"),
-                    source_path=scan.path, algorithm_parameters=params,
-                )
-            except DicomError as e:  # a source the SEG cannot reference: the prediction itself stands
-                seg_error = str(e)
+        seg_error = self.pictures.write(scan, data, mask, scan.image_id)
         return {
             "seg_error": seg_error,
             "path": scan.path,
@@ -251,6 +232,80 @@ class Predictor:
             "mask_area_px": int(mask.sum()),
             "rle": encode_rle(mask, "siim"),
         }
+
+
+class Pictures:
+    """Writes one prediction's `masks/<name>.png`, `overlays/<name>.png` and (--dicom-seg, non-empty
+    masks) `seg/<name>.dcm` under `out`; `name` is the ImageId, or a suffixed one for a repeat."""
+
+    def __init__(self, out: str, th: Thresholds, *, write_images: bool = True, dicom_seg: bool = False):
+        self.out = out
+        self.th = th
+        self.write_images = write_images
+        self.write_seg = None
+        if dicom_seg:
+            try:
+                from ptxray.export import write_dicom_seg
+            except ImportError as e:
+                raise ValueError(f"--dicom-seg needs ptxray.export.write_dicom_seg ({e})") from None
+            self.write_seg = write_dicom_seg
+
+    def write(self, scan: Scan, data: bytes, mask: np.ndarray, name: str) -> str | None:
+        """Write the pictures of `mask` (bool (H, W) at the stored size); returns the SEG error, if any."""
+        h, w = mask.shape
+        if self.write_images:
+            storage.write_bytes_atomic(storage.join(self.out, "masks", f"{name}.png"), encode_png(mask.astype(np.uint8) * 255))
+            # The radiograph was decoded at a reduced DCT scale when the model is small: scale it
+            # back up to the stored size so the overlay lines up with the full-size mask.
+            image = scan.image if scan.image.shape == (h, w) else cv2.resize(scan.image, (w, h), interpolation=cv2.INTER_LINEAR)
+            storage.write_bytes_atomic(storage.join(self.out, "overlays", f"{name}.png"), encode_png(overlay(image, mask)))
+        seg_uri = storage.join(self.out, "seg", f"{name}.dcm")
+        if self.write_seg is None:
+            return None
+        if not mask.any():
+            _delete_if_present(seg_uri)  # a repeated ImageId's SEG may have been written here first
+            return None
+        params = {k: str(v) for k, v in self.th.to_dict().items() if k in ("rule", "top_score", "min_area_px", "bin_threshold", "cls_threshold")}
+        try:
+            self.write_seg(data, mask.astype(np.uint8), seg_uri, source_path=scan.path, algorithm_parameters=params)
+        except DicomError as e:  # a source the SEG cannot reference: the prediction itself stands
+            return str(e)
+        return None
+
+
+def _delete_if_present(uri: str) -> None:
+    fs, path = storage.filesystem_and_path(uri)
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def read_files(fs: Any, paths: Sequence[str], display_prefix: str = "") -> pa.Table:
+    """The listed files' bytes as a table of `path`, `bytes` and `error`, the input of `Predictor`.
+
+    A file that cannot be read (removed since the listing, archived in S3 Glacier, no permission)
+    gets its reason in `error` and no bytes, so it becomes a row of errors.csv instead of stopping
+    the job; Ray Data's read_binary_files would fail the whole dataset on it.
+    """
+    blobs: list[bytes | None] = []
+    errors: list[str | None] = []
+    for p in paths:
+        try:
+            with fs.open_input_file(p) as f:
+                blobs.append(f.read())
+            errors.append(None)
+        except OSError as e:
+            blobs.append(None)
+            errors.append(f"{display_prefix + p}: cannot read ({e})")
+    return pa.table(
+        {"path": pa.array(list(paths), pa.string()), "bytes": pa.array(blobs, pa.binary()), "error": pa.array(errors, pa.string())}
+    )
+
+
+def read_batch(batch: pa.Table, fs: Any, display_prefix: str = "") -> pa.Table:
+    """`read_files` on a batch that holds the paths (the Ray Data read step of `ptxray predict`)."""
+    return read_files(fs, batch.column("path").to_pylist(), display_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +367,11 @@ def run_predict(
     else:
         from ptxray.ray_data import predict_files  # Ray stays in the ray_* modules
 
-        tables = predict_files(Predictor, fs, paths, kwargs, batch_size, workers, device, address)
+        tables = predict_files(Predictor, read_batch, fs, paths, kwargs, batch_size, workers, device, address)
     rows = pa.concat_tables(tables).to_pylist() if tables else []
+    if write_images or dicom_seg:
+        separate_repeats(rows, fs, Pictures(out, th, write_images=write_images, dicom_seg=dicom_seg), run.config.preprocess,
+                         kwargs["display_prefix"])
     summary = write_outputs(rows, out)
     if dicom_seg:
         summary["files"]["seg"] = storage.join(out, "seg")
@@ -333,34 +391,67 @@ def run_predict(
 
 def _predict_local(fs, paths: Sequence[str], kwargs: dict[str, Any], batch_size: int) -> list[pa.Table]:
     predictor = Predictor(**kwargs)
-    prefix = kwargs["display_prefix"]
-    tables = []
-    for start in range(0, len(paths), batch_size):
-        chunk, blobs, unread = [], [], []
-        for p in paths[start : start + batch_size]:
+    return [
+        predictor(read_files(fs, paths[start : start + batch_size], kwargs["display_prefix"]))
+        for start in range(0, len(paths), batch_size)
+    ]
+
+
+def _repeats(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Predicted rows whose ImageId (SOPInstanceUID) is repeated, by ImageId, each list in path order."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r["path"] or ""):
+        if not r["error"]:
+            by_id.setdefault(r["image_id"], []).append(r)
+    return {image_id: group for image_id, group in by_id.items() if len(group) > 1}
+
+
+def repeat_name(image_id: str, k: int) -> str:
+    """The output name of the k-th repeat (k >= 1, in path order) of an ImageId; the first keeps the ImageId.
+    A "_" cannot occur in a UID, so the name never meets another image's."""
+    return image_id if k == 0 else f"{image_id}_dup{k}"
+
+
+def separate_repeats(rows: list[dict[str, Any]], fs: Any, pictures: Pictures, pre: PreprocessConfig, display_prefix: str) -> None:
+    """Give every file of a repeated ImageId its own pictures (`repeat_name`), rewritten here.
+
+    The workers name the pictures by ImageId without knowing the other batches, so files that
+    share one overwrite each other's, in whatever order the workers finished. Repeats are rare
+    and seen only once every row is in: the driver re-reads those few files and writes each one's
+    pictures again, the mask from its row's RLE (the same full-size mask the worker had).
+    """
+    for image_id, group in _repeats(rows).items():
+        for k, r in enumerate(group):
             try:
-                with fs.open_input_file(p) as f:
-                    blobs.append(f.read())
-                chunk.append(p)
-            except OSError as e:
-                unread.append({"path": prefix + p, "error": f"{prefix + p}: cannot read ({e})"})
-        if unread:
-            tables.append(pa.Table.from_pylist([{n: r.get(n) for n in PRED_SCHEMA.names} for r in unread], schema=PRED_SCHEMA))
-        if chunk:
-            tables.append(predictor(pa.table({"bytes": pa.array(blobs, pa.binary()), "path": pa.array(chunk, pa.string())})))
-    return tables
+                with fs.open_input_file(r["path"][len(display_prefix):]) as f:
+                    data = f.read()
+                scan = read_for_training(data, r["path"], pre)
+            except (OSError, DicomError) as e:  # changed since the workers read it
+                log.warning("%s: cannot re-read it to write its own pictures (%s); %s may show another file", r["path"], e,
+                            repeat_name(image_id, k))
+                continue
+            mask = decode_rle(r["rle"], r["height"], r["width"], "siim").astype(bool)  # (H, W)
+            r["seg_error"] = pictures.write(scan, data, mask, repeat_name(image_id, k))
 
 
 def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
-    """submission.csv, probabilities.csv, errors.csv from the gathered rows; a repeated ImageId is an error."""
+    """submission.csv, probabilities.csv, errors.csv from the gathered rows.
+
+    A repeated ImageId (SOPInstanceUID) keeps one submission row, the first file's in path order,
+    since SIIM reads several rows of one ImageId as the union of their masks; each later file gets
+    a row in errors.csv naming the first and where its own pictures are (`repeat_name`)."""
     rows = sorted(rows, key=lambda r: r["path"] or "")
     seen: dict[str, str] = {}
+    repeats: dict[str, int] = {}
     good, errors = [], []
     for r in rows:
         if r["error"]:
             errors.append((r["path"], r["error"]))
         elif r["image_id"] in seen:
-            errors.append((r["path"], f"{r['path']}: duplicate SOPInstanceUID {r['image_id']} (first in {seen[r['image_id']]})"))
+            repeats[r["image_id"]] = k = repeats.get(r["image_id"], 0) + 1
+            name = repeat_name(r["image_id"], k)
+            errors.append((r["path"], f"{r['path']}: duplicate SOPInstanceUID {r['image_id']} (first in {seen[r['image_id']]}); "
+                                      f"not in submission.csv, its pictures are masks/{name}.png and overlays/{name}.png"))
         else:
             seen[r["image_id"]] = r["path"]
             good.append(r)
@@ -397,6 +488,7 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
         "predicted": len(good),
         "non_empty": sum(1 for r in good if r["mask_area_px"] > 0),
         "errors": len(errors),
+        "duplicates": sum(repeats.values()),
         "error_list": [{"path": p, "reason": e} for p, e in errors],
         "files": dict(files, masks=storage.join(out, "masks"), overlays=storage.join(out, "overlays")),
     }
@@ -490,6 +582,7 @@ def find_thresholds(run_dir: str, *, cache: str | None = None, recompute: bool =
 __all__ = [
     "Ensemble",
     "PRED_SCHEMA",
+    "Pictures",
     "Predictor",
     "compute_oof",
     "default_device",
@@ -499,8 +592,12 @@ __all__ = [
     "load_or_compute_oof",
     "overlay",
     "preprocess_dicom",
+    "read_batch",
+    "read_files",
+    "repeat_name",
     "resolve_cache",
     "run_predict",
     "run_thresholds",
+    "separate_repeats",
     "write_outputs",
 ]

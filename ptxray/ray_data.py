@@ -182,6 +182,7 @@ def train_dataset(cache_uri: str, fold: int) -> "ray.data.Dataset":
 
 def predict_files(
     predictor_cls: type,
+    read_batch: Any,
     fs: Any,
     paths: Sequence[str],
     predictor_kwargs: dict[str, Any],
@@ -190,9 +191,10 @@ def predict_files(
     device: str | None,
     address: str,
 ) -> list[pa.Table]:
-    """`ptxray predict` on Ray Data: DICOM bytes read by tasks, predicted by an actor pool of
-    `predictor_cls(**predictor_kwargs)` (one actor per GPU, else up to 4 CPU actors); returns the
-    prediction tables for the driver to gather."""
+    """`ptxray predict` on Ray Data: DICOM bytes read by tasks (`read_batch(batch of paths, fs,
+    display_prefix)`: an unreadable file becomes an error row, where read_binary_files would fail the
+    job), predicted by an actor pool of `predictor_cls(**predictor_kwargs)` (one actor per GPU, else
+    up to 4 CPU actors); returns the prediction tables for the driver to gather."""
     if not paths:
         return []
     with ray_session(address):
@@ -203,7 +205,13 @@ def predict_files(
         else:
             # One CPU stays free for the read tasks that feed the actors.
             pool = workers or max(1, min(4, int(resources.get("CPU", 1)) - 1))
-        ds = ray.data.read_binary_files(list(paths), filesystem=fs, include_paths=True)
+        ds = ray.data.from_items([{"path": p} for p in paths])
+        ds = ds.map_batches(
+            read_batch,
+            fn_kwargs=dict(fs=fs, display_prefix=predictor_kwargs.get("display_prefix", "")),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+        )
         ds = ds.map_batches(
             predictor_cls,
             fn_constructor_kwargs=dict(predictor_kwargs, device="cuda" if use_gpu else "cpu"),

@@ -30,6 +30,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from ptxray import storage
 from ptxray.config import Config, config_from_dict
 from ptxray.summary import TrialRecord, print_summary, summarize, write_summary
 
@@ -240,6 +241,36 @@ def experiment_path(cfg: Config) -> str:
     return cfg.compute.storage_path.rstrip("/") + "/" + cfg.search.name
 
 
+# ptxray's own record of what an experiment was started with, beside Tune's state in its folder.
+SETTINGS_FILE = "ptxray-experiment.json"
+
+
+def _check_resume_limit(path: str, requested: int | None) -> None:
+    """Refuse a --max-concurrent-trials that a resumed experiment would silently ignore.
+
+    Ray 2.60's Tuner.restore takes no TuneConfig: the search algorithm comes back pickled with the
+    experiment, and Tune's resume then restores its saved state, max_concurrent included. Trials
+    already created are requeued whatever any limit says (ray-project/ray#40652). Ray keeps restore
+    for fault tolerance without changes to the experiment (ray-project/ray#33495), so rather than
+    patch its internals, a different limit is refused here, naming the one in force.
+    """
+    if not requested:
+        return
+    try:
+        with storage.open_input_stream(storage.join(path, SETTINGS_FILE)) as f:
+            saved = json.loads(f.read()).get("max_concurrent_trials")
+    except (FileNotFoundError, OSError, ValueError):
+        saved = None
+    if requested == saved:
+        return
+    now = f"runs {saved} trial(s) at a time, as it was started" if saved else "was started before ptxray recorded its limit"
+    raise ValueError(
+        f"{path}: this experiment {now}; --max-concurrent-trials {requested} cannot change that on resume "
+        "(Ray Tune's Tuner.restore keeps the experiment's search settings and takes no TuneConfig). Resume "
+        "without --max-concurrent-trials, or start a new experiment under another search.name."
+    )
+
+
 def run_experiment(
     cfg: Config,
     cache_uri: str,
@@ -260,11 +291,15 @@ def run_experiment(
     trainable = tune.with_resources(trainable, trial_resources(cfg))
     space = param_space(cfg)
     if tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
-        log.info("resuming experiment %s: finished trials are kept, unfinished ones continue from their checkpoints", path)
+        _check_resume_limit(path, max_concurrent_trials)
+        log.info("resuming experiment %s: finished trials are kept, unfinished ones continue from their checkpoints "
+                 "(as many at a time as when it was started)", path)
         tuner = tune.Tuner.restore(
             exp_dir, trainable, resume_unfinished=True, resume_errored=True, param_space=space, storage_filesystem=fs
         )
     else:
+        limit = max_concurrent_trials or default_max_concurrent_trials(cfg)
+        storage.write_bytes_atomic(storage.join(path, SETTINGS_FILE), json.dumps({"max_concurrent_trials": limit}).encode())
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -274,10 +309,7 @@ def run_experiment(
                 scheduler=build_scheduler(cfg),
                 # Pair the folds: every fold of a configuration gets the same values. (The limit goes
                 # here: Tune ignores TuneConfig.max_concurrent_trials for a SearchAlgorithm.)
-                search_alg=BasicVariantGenerator(
-                    constant_grid_search=True,
-                    max_concurrent=max_concurrent_trials or default_max_concurrent_trials(cfg),
-                ),
+                search_alg=BasicVariantGenerator(constant_grid_search=True, max_concurrent=limit),
             ),
             run_config=tune.RunConfig(
                 name=cfg.search.name,

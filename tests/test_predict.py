@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import torch
 
-from ptxray.cache import Cache
+from ptxray.cache import Cache, read_for_training
 from ptxray.checkpoint import load_checkpoint
 from ptxray.cli import main
 from ptxray.dicom import read_dicom_file
@@ -179,6 +179,60 @@ def test_predict_reads_and_writes_s3(trained_run, moto_s3, tmp_path, validate_di
     assert seg.Modality == "SEG" and seg.SourceImageSequence[0].ReferencedSOPInstanceUID == ids[0]
     sub = s3.get_object(Bucket="ptxray-predict", Key="out/submission.csv")["Body"].read().decode().splitlines()
     assert sub[0] == "ImageId,EncodedPixels" and sorted(line.split(",")[0] for line in sub[1:]) == sorted(ids)
+
+
+def _s3_bytes(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _overlay_without_mask(data: bytes, pre) -> np.ndarray:
+    """What overlays/<name>.png holds for an empty prediction: the radiograph as predict read it
+    (reduced-scale decode for the run's size), scaled back to its stored size, in BGR."""
+    scan = read_for_training(data, "x.dcm", pre)
+    image = cv2.resize(scan.image, (scan.columns, scan.rows), interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["local", "ray"])
+def test_predict_goes_on_past_an_unreadable_file_and_keeps_repeats_apart(trained_run, moto_s3, ray_local, local):
+    # An object in S3 Glacier is listed with its size but cannot be read (an I/O error, not bad
+    # content): it gets a row in errors.csv and the job goes on, on Ray as in --local. A second file
+    # with the first one's SOPInstanceUID but other pixels gets pictures of its own.
+    s3 = moto_s3.client()
+    bucket = "ptxray-unreadable-" + ("local" if local else "ray")
+    s3.create_bucket(Bucket=bucket)
+    files = sorted(SAMPLE.glob("*.dcm"))[:3]
+    for p in files[:2]:
+        s3.upload_file(str(p), bucket, f"in/{p.name}")
+    s3.put_object(Bucket=bucket, Key="in/archived.dcm", Body=files[2].read_bytes(), StorageClass="GLACIER")
+    first_id = read_dicom_file(files[0]).image_id
+    repeat = pydicom.dcmread(files[2])
+    repeat.SOPInstanceUID = repeat.file_meta.MediaStorageSOPInstanceUID = first_id
+    buffer = io.BytesIO()
+    repeat.save_as(buffer, enforce_file_format=True)
+    s3.put_object(Bucket=bucket, Key="in/zz-repeat.dcm", Body=buffer.getvalue())
+
+    nothing_kept = Thresholds(0.0, 64 * 64 + 1, 0.5, 0.0, 64, rule="plain", source="test")
+    s = run_predict(str(trained_run), f"s3://{bucket}/in", f"s3://{bucket}/out", local=local, thresholds=nothing_kept,
+                    workers=1, batch_size=2)
+    assert s["listed"] == 4 and s["predicted"] == 2 and s["errors"] == 2 and s["duplicates"] == 1
+    errors = dict(csv.reader(io.StringIO(_s3_bytes(s3, bucket, "out/errors.csv").decode())))
+    archived = f"s3://{bucket}/in/archived.dcm"
+    assert errors.pop("path") == "reason" and set(errors) == {archived, f"s3://{bucket}/in/zz-repeat.dcm"}
+    assert errors[archived].startswith(f"{archived}: cannot read")
+    dup = errors[f"s3://{bucket}/in/zz-repeat.dcm"]
+    assert f"duplicate SOPInstanceUID {first_id} (first in s3://{bucket}/in/{files[0].name})" in dup
+    assert f"masks/{first_id}_dup1.png" in dup
+    sub = _s3_bytes(s3, bucket, "out/submission.csv").decode().splitlines()
+    assert sorted(line.split(",")[0] for line in sub[1:]) == sorted(read_dicom_file(p).image_id for p in files[:2])
+
+    # Each file's overlay shows its own radiograph, whichever worker wrote last.
+    pre = open_run(str(trained_run)).config.preprocess
+    for name, source in ((first_id, files[0].read_bytes()), (f"{first_id}_dup1", buffer.getvalue())):
+        png = cv2.imdecode(np.frombuffer(_s3_bytes(s3, bucket, f"out/overlays/{name}.png"), np.uint8), cv2.IMREAD_COLOR)
+        np.testing.assert_array_equal(png, _overlay_without_mask(source, pre), err_msg=name)
+        mask = cv2.imdecode(np.frombuffer(_s3_bytes(s3, bucket, f"out/masks/{name}.png"), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (1024, 1024) and not mask.any()
 
 
 def test_predict_errors_are_named(tmp_path, capsys):

@@ -77,6 +77,11 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
     assert saved["best"]["params"] == {"optim.lr": 3e-3}
     assert Path(summary["files"]["csv"]).read_text().count("\n") == 3
 
+    # Tuner.restore keeps the experiment's own limit (it takes no TuneConfig): a new one is refused,
+    # naming both, before anything is restored.
+    with pytest.raises(ValueError, match=r"asha-test: this experiment runs 1 trial\(s\) at a time.*--max-concurrent-trials 2"):
+        ray_tune.run_experiment(cfg, smoke_cache, max_concurrent_trials=2, print_table=False)
+
 
 def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_local, smoke_cache, tmp_path):
     from ptxray import ray_tune
@@ -171,8 +176,11 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
     assert any(k.endswith("last.pt") for k in in_checkpoint), (prefix, keys)
     n_objects = len(keys)
 
+    limit = ray_tune.default_max_concurrent_trials(cfg)  # what the first run used
+    with pytest.raises(ValueError, match=rf"s3-exp: this experiment runs {limit} trial\(s\) at a time"):
+        ray_tune.run_experiment(cfg, smoke_cache, max_concurrent_trials=limit + 1, print_table=False)
     moto_s3.start_recording()
-    second = ray_tune.run_experiment(cfg, smoke_cache, print_table=False)
+    second = ray_tune.run_experiment(cfg, smoke_cache, max_concurrent_trials=limit, print_table=False)
     requests = moto_s3.stop_recording()
     assert second["rows"][0]["trial_ids"] == first["rows"][0]["trial_ids"], "the same trial, restored"
     new_checkpoints = [r for r in requests if r["method"] in ("PUT", "POST") and "/checkpoint_" in r["url"]]
