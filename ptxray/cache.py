@@ -82,6 +82,7 @@ def settings_fingerprint(cfg: Config) -> dict[str, Any]:
         "fold_seed": d.fold_seed,
         "holdout_fraction": d.holdout_fraction,
         "unlabeled": d.unlabeled,
+        "colour": d.colour,
     }
 
 
@@ -117,20 +118,22 @@ def _row(**values: Any) -> dict[str, Any]:
     return row
 
 
-def read_for_training(data: bytes, path: str, pre: PreprocessConfig) -> Scan:
+def read_for_training(data: bytes, path: str, pre: PreprocessConfig, colour: str = "reject") -> Scan:
     """The one way a DICOM is read for training and prediction: a JPEG frame decodes at the
     smallest libjpeg-turbo DCT scale (1/2, 1/4, 1/8) that still covers `image_size_px` (the
     resize to the training size follows anyway; see benchmarks/ingest.py for the cost and the
-    pixel differences). `scan.rows` / `scan.columns` keep the stored size for masks."""
-    return read_dicom(data, path, min_size_px=pre.image_size_px)
+    pixel differences). `scan.rows` / `scan.columns` keep the stored size for masks. `colour`:
+    data.colour."""
+    return read_dicom(data, path, min_size_px=pre.image_size_px, colour=colour)
 
 
 def build_row(
-    data: bytes, path: str, labels: Labels, pre: PreprocessConfig, rle_scheme: str = "siim", unlabeled: str = "skip"
+    data: bytes, path: str, labels: Labels, pre: PreprocessConfig, rle_scheme: str = "siim", unlabeled: str = "skip",
+    colour: str = "reject",
 ) -> dict[str, Any]:
     """One DICOM's bytes -> one cache row. Never raises for bad input: the reason goes in `error`."""
     try:
-        scan = read_for_training(data, path, pre)
+        scan = read_for_training(data, path, pre, colour)
     except DicomError as e:
         return _row(path=path, error=str(e), image_id="", patient_id="", labelled=False)
     h, w = scan.rows, scan.columns

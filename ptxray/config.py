@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 CHANNEL_NAMES = ("raw", "he", "ahe", "clahe", "beasf")
+COLOUR_POLICIES = ("reject", "luminance")  # data.colour
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class DataConfig:
     fold_seed: int = 0
     holdout_fraction: float = 0.0  # patients set aside as a test split (the paper used 0.2)
     unlabeled: str = "skip"  # DICOMs without a label row: "skip" (counted) or "negative"
+    colour: str = "reject"  # colour DICOMs (RGB, YBR, palette): "reject" (quarantined, counted) or "luminance"
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,8 @@ class Config:
                 f"preprocess.channels: unknown channel(s) {unknown or '(empty)'}; "
                 f"choose from {list(CHANNEL_NAMES)}"
             )
+        if self.data.colour not in COLOUR_POLICIES:
+            raise ConfigError(f"data.colour: expected one of {list(COLOUR_POLICIES)}, got {self.data.colour!r}")
         if self.model.in_channels == 0:
             object.__setattr__(
                 self, "model", replace(self.model, in_channels=len(self.preprocess.channels))
@@ -355,6 +359,7 @@ __all__ = [
     "AUGMENT_WHERE",
     "AugmentConfig",
     "CHANNEL_NAMES",
+    "COLOUR_POLICIES",
     "ComputeConfig",
     "Config",
     "ConfigError",

@@ -12,6 +12,13 @@ the largest factor that keeps both sides >= min_size_px). That skips most of the
 later resize. On the SIIM samples a 1/2-scale decode of a 1024 px frame differs from the full decode +
 INTER_AREA by 0.14 grey levels on average, 3 at most (benchmarks/ingest.py measures it every run).
 
+Files from the wild: a data set without the 128-byte preamble and 'DICM' prefix (old archives
+write them) is read when it starts like one (pydicom's `force=True`); without file meta information
+its transfer syntax is the encoding pydicom detected, which can only be a native one. A colour image
+(RGB, YBR_*, PALETTE COLOR) is rejected unless `colour="luminance"` (config `data.colour`) asks for
+its BT.601 luminance, which is how a colour Secondary Capture of a radiograph comes back grey. A
+transfer syntax without an installed decoder is rejected naming the package that would decode it.
+
 `write_jpeg_dicom` writes the same kind of file (real JPEG Baseline, SIIM-like tags) for the
 synthetic-data generator and for tests.
 """
@@ -34,20 +41,35 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     RE_VALID_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
 )
 from pydicom.valuerep import AMBIGUOUS_VR, VR, DSfloat
 
+from ptxray.config import COLOUR_POLICIES
+
 __all__ = ["DicomError", "Scan", "parse_age", "read_dicom", "read_dicom_file", "write_jpeg_dicom"]
 
 _PIXEL_DATA_TAG_BYTES = struct.pack("<HH", 0x7FE0, 0x0010)  # little-endian
+_PREAMBLE_BYTES = 128
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Colour photometric interpretations pydicom turns into RGB (YBR_* through its colour conversion
+# or the JPEG 2000 decoder's inverse transform, PALETTE COLOR through its LUT); the retired ARGB,
+# CMYK and HSV are not among them.
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "PALETTE COLOR")
+# A data set without preamble starts with its lowest group: file meta (0002) or identifying (0008).
+# (Little endian only: without file meta pydicom assumes little endian.)
+_DATA_SET_FIRST_GROUPS = (0x0002, 0x0008)
+# Without file meta information pydicom still detects the encoding (implicit VR?, little endian?).
+_NATIVE_SYNTAX = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian}
 # Percentiles of the robust window for >8-bit images that carry no window of their own.
 _LOW_PERCENTILE = 0.5
 _HIGH_PERCENTILE = 99.5
@@ -86,12 +108,14 @@ class Scan:
     columns: int  # stored Columns
 
 
-def read_dicom_file(path: str | Path, *, min_size_px: int | None = None) -> Scan:
+def read_dicom_file(path: str | Path, *, min_size_px: int | None = None, colour: str = "reject") -> Scan:
     """Read and decode one DICOM file; I/O errors (missing file, permissions) propagate as OSError."""
-    return read_dicom(Path(path).read_bytes(), str(path), min_size_px=min_size_px)
+    return read_dicom(Path(path).read_bytes(), str(path), min_size_px=min_size_px, colour=colour)
 
 
-def read_dicom(data: bytes | bytearray | memoryview, path: str = "", *, min_size_px: int | None = None) -> Scan:
+def read_dicom(
+    data: bytes | bytearray | memoryview, path: str = "", *, min_size_px: int | None = None, colour: str = "reject"
+) -> Scan:
     """Decode the bytes of one single-frame greyscale DICOM file.
 
     `path` is only used to name the input in errors and as the fallback image id.
@@ -99,18 +123,23 @@ def read_dicom(data: bytes | bytearray | memoryview, path: str = "", *, min_size
     frame to be decoded at a libjpeg-turbo DCT scale of 1/2, 1/4 or 1/8, the largest that leaves both
     sides >= min_size_px; `Scan.image` is then ceil(Rows / k) x ceil(Columns / k), `Scan.rows` and
     `Scan.columns` keep the stored size. Other transfer syntaxes always decode at the stored size.
+    `colour`: "reject" raises `DicomError` for a colour image; "luminance" reads it as its BT.601
+    luminance (uint8, no windowing: colour images carry none).
     Raises `DicomError` for anything that is not a decodable greyscale image.
     """
     path = str(path)
     if min_size_px is not None and (int(min_size_px) != min_size_px or min_size_px < 1):
         raise ValueError(f"min_size_px must be a positive integer or None, got {min_size_px!r}")
+    if colour not in COLOUR_POLICIES:
+        raise ValueError(f"colour must be one of {COLOUR_POLICIES}, got {colour!r}")
     data = bytes(data)  # a memoryview/bytearray from a reader would break the offset checks
     try:
         ds = _parse(data, path)
         header = _Header(ds)
-        pixels = _decode_pixels(header, path, min_size_px)  # (H, W) as stored, or (ceil(H/k), ceil(W/k))
-        image = _to_uint8(pixels, header)  # (H, W) uint8
+        pixels = _decode_pixels(header, path, min_size_px, colour)  # (H, W) as stored, or (ceil(H/k), ceil(W/k))
         photometric = str(header.get("PhotometricInterpretation")).strip().upper()
+        # A colour image comes back as its luminance, already uint8.
+        image = pixels if photometric not in _MONOCHROME else _to_uint8(pixels, header)  # (H, W) uint8
         if photometric == "MONOCHROME1":
             image = 255 - image
         return Scan(
@@ -141,34 +170,51 @@ def read_dicom(data: bytes | bytearray | memoryview, path: str = "", *, min_size
 
 
 def _parse(data: bytes, path: str) -> Dataset:
+    if data[_PREAMBLE_BYTES : _PREAMBLE_BYTES + 4] == b"DICM":
+        meta_start = _PREAMBLE_BYTES + 4
+    elif data[:4] == b"DICM":  # the prefix without its preamble: put the preamble back
+        data = bytes(_PREAMBLE_BYTES) + data
+        meta_start = _PREAMBLE_BYTES + 4
+    elif len(data) >= 8 and struct.unpack_from("<H", data)[0] in _DATA_SET_FIRST_GROUPS:
+        meta_start = 0  # no preamble: a bare data set, with or without file meta (force=True reads it)
+    else:
+        raise DicomError(path, "not DICOM (no 'DICM' prefix after a 128-byte preamble, nor a data set at the start)")
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=False)
+        ds = pydicom.dcmread(BytesIO(data), force=meta_start == 0)
     except InvalidDicomError as exc:
-        raise DicomError(path, "not DICOM (no 128-byte preamble with 'DICM' prefix)") from exc
+        raise DicomError(path, f"not DICOM ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - 'DICM' is there but the file meta is cut or mangled
         raise DicomError(path, f"truncated or corrupt file meta information "
                                f"({type(exc).__name__}: {exc})") from exc
-    _check_not_truncated(ds, data, path)
+    _check_not_truncated(ds, data, path, meta_start)
     if "TransferSyntaxUID" not in ds.file_meta:
-        raise DicomError(path, "no Transfer Syntax UID in the file meta information")
+        if len(ds.file_meta) or meta_start:
+            raise DicomError(path, "no Transfer Syntax UID in the file meta information")
+        # No file meta at all: pydicom parsed the data set in the encoding it detected, which is
+        # the transfer syntax, unless the pixel data is encapsulated (the compression is unknown).
+        pixel_data = ds.get_item(0x7FE00010, keep_deferred=True)
+        if pixel_data is not None and pixel_data.length == 0xFFFFFFFF:
+            raise DicomError(path, "encapsulated (compressed) pixel data but no file meta information "
+                                   "naming its transfer syntax")
+        ds.file_meta.TransferSyntaxUID = _NATIVE_SYNTAX[ds.original_encoding]
     return ds
 
 
-def _check_not_truncated(ds: Dataset, data: bytes, path: str) -> None:
+def _check_not_truncated(ds: Dataset, data: bytes, path: str, meta_start: int) -> None:
     """pydicom reads a cut file without raising: a defined-length value comes back short, a cut
     inside an undefined-length element (encapsulated pixel data) leaves an empty data set, and a
     cut inside an element header just ends the data set. Find all three from the byte offsets
-    pydicom keeps on the elements it did read."""
+    pydicom keeps on the elements it did read. `meta_start`: where the file meta information
+    starts (after preamble and 'DICM'; 0 for a data set without them)."""
     meta_keys = list(ds.file_meta.keys())
-    if not meta_keys:
+    if not meta_keys and meta_start:
         raise DicomError(path, f"truncated file meta information: nothing after 'DICM' ({len(data)} bytes)")
     # max over plain ints: pydicom's tags compare in Python, ints in C.
-    start = _element_end(ds.file_meta.get_item(max(map(int, meta_keys)), keep_deferred=True))
+    start = _element_end(ds.file_meta.get_item(max(map(int, meta_keys)), keep_deferred=True)) if meta_keys else meta_start
     group_length = ds.file_meta.get("FileMetaInformationGroupLength")
     try:
-        # The group length counts the bytes after its own 12-byte element, which follows the
-        # 128-byte preamble and "DICM".
-        declared = (start or 0) if group_length is None else 144 + int(group_length)
+        # The group length counts the bytes after its own 12-byte element.
+        declared = (start or 0) if group_length is None else meta_start + 12 + int(group_length)
     except (TypeError, ValueError) as exc:
         raise DicomError(path, f"truncated or corrupt file meta information: group length "
                                f"{group_length!r} ({len(data)} bytes)") from exc
@@ -245,18 +291,23 @@ class _Header:
 # ---------------------------------------------------------------------------------------- decoding
 
 
-def _decode_pixels(header: _Header, path: str, min_size_px: int | None = None) -> np.ndarray:
+def _decode_pixels(header: _Header, path: str, min_size_px: int | None = None, colour: str = "reject") -> np.ndarray:
+    """The stored values (H, W) of a greyscale image, or the uint8 luminance (H, W) of a colour one."""
     ds = header.ds
     if "PixelData" not in ds:
         raise DicomError(path, "no pixel data")
     frames = int(header.get("NumberOfFrames") or 1)
     if frames > 1:
-        raise DicomError(path, f"multi-frame ({frames} frames)")
+        raise DicomError(path, f"multi-frame ({frames} frames); ptxray reads single-frame radiographs")
     photometric = str(header.get("PhotometricInterpretation") or "").strip().upper()
     samples = int(header.get("SamplesPerPixel") or 1)
-    if samples > 1 or photometric not in _MONOCHROME:
-        raise DicomError(path, f"colour image ({photometric or 'no PhotometricInterpretation'}, "
-                               f"{samples} samples per pixel)")
+    is_colour = samples > 1 or photometric not in _MONOCHROME
+    if is_colour:
+        what = f"colour image ({photometric or 'no PhotometricInterpretation'}, {samples} samples per pixel)"
+        if colour == "reject":
+            raise DicomError(path, f"{what}; data.colour: luminance reads it as greyscale")
+        if photometric not in _COLOUR:
+            raise DicomError(path, f"{what}: no luminance conversion for {photometric or 'it'}")
     for keyword in ("Rows", "Columns", "BitsAllocated"):
         if not header.get(keyword):
             raise DicomError(path, f"missing or zero {keyword}")
@@ -267,12 +318,15 @@ def _decode_pixels(header: _Header, path: str, min_size_px: int | None = None) -
     if syntax == JPEGBaseline8Bit:
         if min_size_px is not None:
             scale = _dct_scale(rows, columns, min_size_px)
-        pixels = _decode_jpeg_baseline(header, path, (rows, columns), scale)
+        # libjpeg-turbo hands over a colour frame's luminance itself (Y of YCbCr, BT.601 of RGB).
+        pixels = _decode_jpeg_baseline(header, path, (rows, columns), scale, grey=is_colour)
     else:
         _require_decoder(syntax, path)
         if not syntax.is_compressed:
             _check_native_length(ds, path)
-        pixels = ds.pixel_array
+        pixels = ds.pixel_array  # (H, W), or (H, W, 3) RGB for RGB and YBR_*
+        if is_colour:
+            pixels = _luminance(pixels, header, photometric, path)
     if scale == 1 and pixels.shape != (rows, columns):
         raise DicomError(path, f"decoded shape {pixels.shape} != Rows x Columns ({rows}, {columns})")
     expected = (-(-rows // scale), -(-columns // scale))  # libjpeg rounds a scaled size up
@@ -288,6 +342,9 @@ _REDUCED_FLAGS = {
     k: flag | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
     for k, flag in ((2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))
 }
+
+
+_REDUCED_GREY_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 def _dct_scale(rows: int, columns: int, min_size_px: int) -> int:
@@ -328,8 +385,11 @@ def _jpeg_frame_shape(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_jpeg_baseline(header: _Header, path: str, stored_shape: tuple[int, int], scale: int = 1) -> np.ndarray:
-    """The frame decoded at 1/scale of its size; the caller checks the result against that size."""
+def _decode_jpeg_baseline(
+    header: _Header, path: str, stored_shape: tuple[int, int], scale: int = 1, *, grey: bool = False
+) -> np.ndarray:
+    """The frame decoded at 1/scale of its size; the caller checks the result against that size.
+    `grey`: a colour frame is wanted as its luminance (libjpeg-turbo's greyscale output)."""
     try:
         frame = get_frame(header.get("PixelData"), 0, number_of_frames=1)
     except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError/struct.error on bad items
@@ -346,7 +406,10 @@ def _decode_jpeg_baseline(header: _Header, path: str, stored_shape: tuple[int, i
         if header_shape is not None and header_shape != stored_shape:
             raise DicomError(path, f"JPEG frame header says {header_shape} (height, width) "
                                    f"!= Rows x Columns {stored_shape}")
-    flags = cv2.IMREAD_UNCHANGED if scale == 1 else _REDUCED_FLAGS[scale]
+    if grey:
+        flags = cv2.IMREAD_GRAYSCALE if scale == 1 else _REDUCED_GREY_FLAGS[scale]
+    else:
+        flags = cv2.IMREAD_UNCHANGED if scale == 1 else _REDUCED_FLAGS[scale]
     image = cv2.imdecode(np.frombuffer(frame, np.uint8), flags)
     if image is None:
         raise DicomError(path, f"corrupt JPEG frame ({len(frame)} bytes; OpenCV cannot decode it)")
@@ -370,10 +433,25 @@ def _require_decoder(syntax: UID, path: str) -> None:
                                f"install {' or '.join(options) or 'a decoder plugin'} to decode it")
 
 
+def _luminance(pixels: np.ndarray, header: _Header, photometric: str, path: str) -> np.ndarray:
+    """A colour image's BT.601 luminance as (H, W) uint8, from pydicom's RGB (or palette indices)."""
+    ds = header.ds
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)  # (H, W, 3), 8- or 16-bit entries
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:
+        bits = int(header.get("BitsStored") or pixels.dtype.itemsize * 8)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise DicomError(path, f"colour image ({photometric}) decodes to shape {pixels.shape}, not (rows, columns, 3)")
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise DicomError(path, f"colour image ({photometric}) decodes to {pixels.dtype}, not 8 or 16 bits unsigned")
+    grey = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)  # (H, W) with BT.601 weights
+    return grey if grey.dtype == np.uint8 else _scale(grey, 0.0, float((1 << bits) - 1))
+
+
 def _check_native_length(ds: Dataset, path: str) -> None:
-    bits = int(ds.BitsAllocated)
-    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
-    expected = (pixels * bits + 7) // 8
+    # pydicom's count knows the layouts (bit-packed 1-bit pixels, YBR_FULL_422's 2 bytes a pixel).
+    expected = get_expected_length(ds, unit="bytes")
     actual = len(ds.PixelData)
     if actual < expected:
         raise DicomError(path, f"truncated pixel data (expected {expected} bytes, got {actual})")

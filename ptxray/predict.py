@@ -42,7 +42,7 @@ from torch import nn
 
 from ptxray import storage
 from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest
-from ptxray.config import PreprocessConfig
+from ptxray.config import Config, PreprocessConfig
 from ptxray.dicom import DicomError, Scan
 from ptxray.masks import decode_rle, encode_rle
 from ptxray.postprocess import (
@@ -154,9 +154,10 @@ def full_size_mask(prob_u8: np.ndarray, keep: bool, th: Thresholds, height: int,
     return prob_u8 >= first_level_above(th.bin_threshold)
 
 
-def preprocess_dicom(data: bytes, path: str, pre: PreprocessConfig) -> tuple[Scan, np.ndarray]:
-    """What the cache stores for a DICOM: (Scan, uint8 (C, S, S) channel stack). DicomError names the file."""
-    scan = read_for_training(data, path, pre)
+def preprocess_dicom(data: bytes, path: str, pre: PreprocessConfig, colour: str = "reject") -> tuple[Scan, np.ndarray]:
+    """What the cache stores for a DICOM: (Scan, uint8 (C, S, S) channel stack). DicomError names the file.
+    `colour`: the run's data.colour, so colour files are read as the cache read them."""
+    scan = read_for_training(data, path, pre, colour)
     try:
         return scan, channels_from_config(scan.image, pre)
     except ValueError as e:
@@ -188,6 +189,7 @@ class Predictor:
     ):
         run = open_run(run_dir)
         self.pre = run.config.preprocess
+        self.colour = run.config.data.colour
         self.ensemble = Ensemble.from_run(run, device, tta=tta)
         self.th = Thresholds.from_dict(thresholds)
         self.display_prefix = display_prefix
@@ -203,7 +205,7 @@ class Predictor:
                 rows.append({"path": path, "error": read_error})
                 continue
             try:
-                scan, stack = preprocess_dicom(data, path, self.pre)
+                scan, stack = preprocess_dicom(data, path, self.pre, self.colour)
             except DicomError as e:
                 rows.append({"path": path, "error": str(e)})
                 continue
@@ -370,7 +372,7 @@ def run_predict(
         tables = predict_files(Predictor, read_batch, fs, paths, kwargs, batch_size, workers, device, address)
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     if write_images or dicom_seg:
-        separate_repeats(rows, fs, Pictures(out, th, write_images=write_images, dicom_seg=dicom_seg), run.config.preprocess,
+        separate_repeats(rows, fs, Pictures(out, th, write_images=write_images, dicom_seg=dicom_seg), run.config,
                          kwargs["display_prefix"])
     summary = write_outputs(rows, out)
     if dicom_seg:
@@ -412,7 +414,7 @@ def repeat_name(image_id: str, k: int) -> str:
     return image_id if k == 0 else f"{image_id}_dup{k}"
 
 
-def separate_repeats(rows: list[dict[str, Any]], fs: Any, pictures: Pictures, pre: PreprocessConfig, display_prefix: str) -> None:
+def separate_repeats(rows: list[dict[str, Any]], fs: Any, pictures: Pictures, cfg: Config, display_prefix: str) -> None:
     """Give every file of a repeated ImageId its own pictures (`repeat_name`), rewritten here.
 
     The workers name the pictures by ImageId without knowing the other batches, so files that
@@ -425,7 +427,7 @@ def separate_repeats(rows: list[dict[str, Any]], fs: Any, pictures: Pictures, pr
             try:
                 with fs.open_input_file(r["path"][len(display_prefix):]) as f:
                     data = f.read()
-                scan = read_for_training(data, r["path"], pre)
+                scan = read_for_training(data, r["path"], cfg.preprocess, cfg.data.colour)
             except (OSError, DicomError) as e:  # changed since the workers read it
                 log.warning("%s: cannot re-read it to write its own pictures (%s); %s may show another file", r["path"], e,
                             repeat_name(image_id, k))

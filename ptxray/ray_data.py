@@ -55,11 +55,11 @@ def ray_session(address: str = "", **kwargs: Any) -> Iterator[None]:
             ray.shutdown()
 
 
-def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str) -> pa.Table:
+def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str, colour: str = "reject") -> pa.Table:
     paths = batch.column("path").to_pylist()
     blobs = batch.column("bytes").to_pylist()
     rows = [
-        cache_mod.build_row(data, display_prefix + path, labels, pre, rle_scheme, unlabeled)
+        cache_mod.build_row(data, display_prefix + path, labels, pre, rle_scheme, unlabeled, colour)
         for data, path in zip(blobs, paths)
     ]
     return cache_mod.rows_to_table(rows)
@@ -99,6 +99,7 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
                 rle_scheme=cfg.data.rle_scheme,
                 unlabeled=cfg.data.unlabeled,
                 display_prefix=display_prefix,
+                colour=cfg.data.colour,
             ),
         )
         ds.write_parquet(out_path, filesystem=out_fs, compression="zstd")

@@ -26,6 +26,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+import odd_dicoms
+from odd_dicoms import ODD_CASES, reference, sop_instance_uid, write_odd_folder
 from ptxray import dicom
 from ptxray.dicom import DicomError, Scan, parse_age, read_dicom, read_dicom_file, write_jpeg_dicom
 
@@ -546,3 +548,60 @@ def test_write_jpeg_dicom_quality_and_validation(tmp_path: Path) -> None:
         write_jpeg_dicom(tmp_path / "u.dcm", noisy, **{**WRITE_ARGS, "image_id": "not-a-uid"})
     with pytest.raises(ValueError, match="sex"):
         write_jpeg_dicom(tmp_path / "s.dcm", noisy, **{**WRITE_ARGS, "sex": "male"})
+
+
+# ------------------------------------------------------------------------ odd files from the wild
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory) -> dict[str, Path]:
+    return write_odd_folder(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.mark.parametrize("name", sorted(ODD_CASES))
+def test_odd_file_is_read_or_quarantined_with_its_reason(odd_files, name: str) -> None:
+    _, outcome, kind, tolerance = ODD_CASES[name]
+    path = odd_files[name]
+    data = path.read_bytes()
+    if outcome in ("read", "colour"):
+        if outcome == "colour":
+            with pytest.raises(DicomError, match="colour image .*data.colour: luminance reads it as greyscale"):
+                read_dicom(data, str(path))
+        scan = read_dicom(data, str(path), colour="luminance") if outcome == "colour" else read_dicom(data, str(path))
+        assert scan.image.dtype == np.uint8 and (scan.rows, scan.columns) == (odd_dicoms.ROWS, odd_dicoms.COLUMNS)
+        diff = np.abs(scan.image.astype(int) - reference(kind))
+        assert diff.max() <= tolerance[0] and diff.mean() <= tolerance[1], f"{name}: {diff.max()} / {diff.mean():.3f} grey levels off"
+        assert scan.image_id == sop_instance_uid(path)
+        return
+    with pytest.raises(DicomError) as caught:
+        read_dicom(data, str(path))
+    assert str(caught.value).startswith(f"{path}: ")
+    for word in outcome:
+        assert word in caught.value.reason
+
+
+def test_colour_jpeg_reduced_decode_is_the_reduced_luminance(odd_files) -> None:
+    # The fast path hands a colour JPEG's luminance over at the reduced DCT scale too.
+    data = odd_files["ybr-jpeg"].read_bytes()
+    full = read_dicom(data, colour="luminance").image
+    half = read_dicom(data, min_size_px=40, colour="luminance").image
+    assert half.shape == (48, 40)
+    area = cv2.resize(full, (40, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.astype(int) - area).mean() < 2
+
+
+def test_colour_policy_is_checked() -> None:
+    with pytest.raises(ValueError, match="colour must be one of"):
+        read_dicom(SCAN_6904.read_bytes(), colour="grey")
+
+
+def test_a_data_set_without_preamble_reads_like_the_whole_file(odd_files) -> None:
+    whole = odd_files["implicit-vr"].read_bytes()
+    assert whole[128:132] == b"DICM"
+    # The prefix without its preamble, and the data set alone, read as the complete file does.
+    for cut in (whole[128:], whole[132:]):
+        np.testing.assert_array_equal(read_dicom(cut).image, read_dicom(whole).image)
+    # Junk is still not DICOM, and a cut bare data set is still truncated.
+    bare = odd_files["bare-data-set"].read_bytes()
+    with pytest.raises(DicomError, match="truncated"):
+        read_dicom(bare[:-100], "cut.dcm")

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import odd_dicoms
 from conftest import SIIM_SAMPLE
+from odd_dicoms import ODD_CASES, reference, sop_instance_uid, write_odd_folder
 from ptxray import cache as cache_mod
 from ptxray.config import load_config
 from ptxray.dicom import read_dicom_file
-from ptxray.masks import read_labels
+from ptxray.masks import encode_rle, read_labels
 from ptxray.preprocess import channels_from_config, resize_mask
 
 CFG = load_config("smoke")
@@ -184,3 +186,48 @@ def test_prepare_from_s3_to_s3_then_reuse_without_reading_dicoms(ray_local, moto
     dicom_reads = [r for r in requests if r["method"] == "GET" and ".dcm" in r["url"]]
     assert requests, "the recorder saw the listing"
     assert dicom_reads == [], "no DICOM was read on the second run"
+
+
+def test_prepare_over_odd_dicoms_reads_or_quarantines_each_with_its_reason(ray_local, tmp_path):
+    # One file of every odd kind (tests/odd_dicoms.py): JPEG Lossless, JPEG-LS, JPEG 2000, RLE,
+    # deflated, big endian, 16-bit, signed, no preamble, colour, palette, multi-frame, HTJ2K without
+    # its decoder, no pixel data, truncated. The job finishes and counts every one.
+    from ptxray import ray_data
+
+    files = write_odd_folder(tmp_path / "odd")
+    ids = {name: sop_instance_uid(path) for name, path in files.items()}
+    square = np.zeros((odd_dicoms.ROWS, odd_dicoms.COLUMNS), np.uint8)
+    square[30:60, 20:50] = 1
+    labels = tmp_path / "labels.csv"
+    labels.write_text("ImageId,EncodedPixels\n" + "".join(
+        f"{image_id},{encode_rle(square) if name == 'jpeg-lossless' else '-1'}\n" for name, image_id in ids.items()
+    ))
+    readable = sorted(n for n, case in ODD_CASES.items() if case[1] == "read")
+    colour = sorted(n for n, case in ODD_CASES.items() if case[1] == "colour")
+    broken = sorted(set(ODD_CASES) - set(readable) - set(colour))
+
+    summary = ray_data.prepare(CFG, images=str(files["rgb"].parent), labels=str(labels), cache=str(tmp_path / "cache"))
+    assert summary["dicoms_listed"] == len(ODD_CASES)
+    assert summary["images"] == len(readable) and summary["positive"] == 1
+    assert summary["quarantined"] == len(colour) + len(broken)
+    reasons = {Path(q["path"]).stem: q["reason"] for q in summary["quarantine"]}
+    assert sorted(reasons) == sorted(colour + broken)
+    for name in colour:
+        assert "colour image" in reasons[name] and "data.colour: luminance" in reasons[name], reasons[name]
+    for name in broken:
+        assert all(word in reasons[name] for word in ODD_CASES[name][1]), reasons[name]
+    assert summary["labels_without_dicoms"] == len(colour) + len(broken)
+
+    # What is cached is the file's own pixels through the usual preprocessing.
+    c = cache_mod.Cache.open(summary["cache"])
+    images, masks, got = c.load_arrays([ids[n] for n in readable])
+    for name, image, mask in zip(readable, images, masks):
+        if ODD_CASES[name][3] == odd_dicoms.EXACT:
+            np.testing.assert_array_equal(image, channels_from_config(reference("grey"), CFG.preprocess), err_msg=name)
+        assert mask.any() == (name == "jpeg-lossless")
+
+    # data.colour: luminance reads the colour ones too, into a cache of its own.
+    luminance = ray_data.prepare(CFG.with_overrides({"data.colour": "luminance"}), images=str(files["rgb"].parent),
+                                 labels=str(labels), cache=str(tmp_path / "cache"))
+    assert luminance["cache"] != summary["cache"]
+    assert luminance["images"] == len(readable) + len(colour) and luminance["quarantined"] == len(broken)
