@@ -874,9 +874,11 @@ def write_report(
     out_dir: str | Path,
     mode: str,
     command: str = "",
+    _published_at: str = "",
 ) -> dict[str, Any]:
     """Write benchmark.json, benchmark.csv, three PNG plots and benchmark.md under `out_dir` (a
-    folder or an s3:// prefix: written locally first, then uploaded); return the report."""
+    folder or an s3:// prefix: written locally first, then uploaded); return the report.
+    (`_published_at`: the prefix the files are uploaded to, named in the report instead of `out_dir`.)"""
     from ptxray import storage
 
     if storage.is_uri(str(out_dir)) and not str(out_dir).startswith("file://"):
@@ -884,13 +886,11 @@ def write_report(
 
         with tempfile.TemporaryDirectory(prefix="ptxray-benchmark-") as tmp:
             report = write_report(
-                results, cfg=cfg, cache_uri=cache_uri, settings=settings, out_dir=tmp, mode=mode, command=command
+                results, cfg=cfg, cache_uri=cache_uri, settings=settings, out_dir=tmp, mode=mode, command=command,
+                _published_at=str(out_dir),
             )
-            uploaded = {}
-            for name, local in report["files"].items():
-                uploaded[name] = str(out_dir).rstrip("/") + "/" + Path(local).name
-                storage.write_bytes_atomic(uploaded[name], Path(local).read_bytes())
-        report["files"] = uploaded
+            for uri in report["files"].values():
+                storage.write_bytes_atomic(uri, (Path(tmp) / Path(uri).name).read_bytes())
         return report
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -944,7 +944,7 @@ def write_report(
         "cost_bars": str(out / "throughput_memory.png"),
         "learning_curves": str(out / "learning_curves.png"),
     }
-    report["files"] = files
+    report["files"] = {k: storage.join(_published_at, Path(v).name) for k, v in files.items()} if _published_at else files
     plot_quality_vs_throughput(report, Path(files["quality_vs_throughput"]))
     plot_cost_bars(report, Path(files["cost_bars"]))
     plot_learning_curves(report, Path(files["learning_curves"]))

@@ -5,6 +5,7 @@ the Ray Tune path runs once; `train.batch_size: auto` trains through the runner.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -130,6 +131,33 @@ def test_tiny_local_benchmark_writes_every_output_and_they_agree(cache64, tmp_pa
         for cell in (cells[0], cells[1], cells[9]):  # name, params (M), Dice
             assert cell in printed
     assert benchmark.table_rows(rows)[0][1] == f"{rows[0]['params_trainable'] / 1e6:.2f}"
+
+
+def test_benchmark_out_to_s3_uploads_every_output(cache64, moto_s3, capsys):
+    s3 = moto_s3.client()
+    s3.create_bucket(Bucket="ptxray-bench")
+    out = "s3://ptxray-bench/reports/tiny"
+    args = ["benchmark", "--config", "smoke", "--cache", cache64, "--archs", "unet_vanilla", "--epochs", "1", "--local",
+            "--out", out, "--batch-size", "2", "--no-batch-search", "--warmup-steps", "0", "--timing-steps", "1",
+            "--repeats", "1", "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    names = {"benchmark.json", "benchmark.csv", "benchmark.md", "quality_vs_throughput.png", "throughput_memory.png",
+             "learning_curves.png"}  # fmt: skip
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ptxray-bench", Prefix="reports/tiny/")["Contents"]}
+    assert keys == {f"reports/tiny/{n}" for n in names}
+
+    def get(name: str) -> bytes:
+        return s3.get_object(Bucket="ptxray-bench", Key=f"reports/tiny/{name}")["Body"].read()
+
+    report = json.loads(get("benchmark.json"))
+    assert [r["name"] for r in report["results"]] == ["unet_vanilla"] and report["results"][0]["status"] == "ok"
+    # The report names where its files are, not the temporary folder they were written in first.
+    assert set(report["files"].values()) == {f"{out}/{n}" for n in names}
+    assert [r["name"] for r in csv.DictReader(io.StringIO(get("benchmark.csv").decode()))] == ["unet_vanilla"]
+    assert all(get(png)[:8] == b"\x89PNG\r\n\x1a\n" for png in names if png.endswith(".png"))
+    assert "(learning_curves.png)" in get("benchmark.md").decode()
+    printed = capsys.readouterr().out
+    assert f"json: {out}/benchmark.json" in printed
 
 
 def test_seconds_budget_fixed_batch_and_a_failing_architecture(cache64):
