@@ -252,8 +252,9 @@ class Pictures:
                 raise ValueError(f"--dicom-seg needs ptxray.export.write_dicom_seg ({e})") from None
             self.write_seg = write_dicom_seg
 
-    def write(self, scan: Scan, data: bytes, mask: np.ndarray, name: str) -> str | None:
-        """Write the pictures of `mask` (bool (H, W) at the stored size); returns the SEG error, if any."""
+    def write(self, scan: Scan, data: bytes, mask: np.ndarray, name: str, *, rewrite: bool = False) -> str | None:
+        """Write the pictures of `mask` (bool (H, W) at the stored size); returns the SEG error, if any.
+        `rewrite`: another file's pictures may be under `name` (repeats): remove its SEG if this has none."""
         h, w = mask.shape
         if self.write_images:
             storage.write_bytes_atomic(storage.join(self.out, "masks", f"{name}.png"), encode_png(mask.astype(np.uint8) * 255))
@@ -265,7 +266,8 @@ class Pictures:
         if self.write_seg is None:
             return None
         if not mask.any():
-            _delete_if_present(seg_uri)  # a repeated ImageId's SEG may have been written here first
+            if rewrite:
+                _delete_if_present(seg_uri)
             return None
         params = {k: str(v) for k, v in self.th.to_dict().items() if k in ("rule", "top_score", "min_area_px", "bin_threshold", "cls_threshold")}
         try:
@@ -410,7 +412,7 @@ def _repeats(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def repeat_name(image_id: str, k: int) -> str:
     """The output name of the k-th repeat (k >= 1, in path order) of an ImageId; the first keeps the ImageId.
-    A "_" cannot occur in a UID, so the name never meets another image's."""
+    A UID has no "_", so the name never meets another file's SOPInstanceUID."""
     return image_id if k == 0 else f"{image_id}_dup{k}"
 
 
@@ -433,7 +435,7 @@ def separate_repeats(rows: list[dict[str, Any]], fs: Any, pictures: Pictures, cf
                             repeat_name(image_id, k))
                 continue
             mask = decode_rle(r["rle"], r["height"], r["width"], "siim").astype(bool)  # (H, W)
-            r["seg_error"] = pictures.write(scan, data, mask, repeat_name(image_id, k))
+            r["seg_error"] = pictures.write(scan, data, mask, repeat_name(image_id, k), rewrite=True)
 
 
 def write_outputs(rows: list[dict[str, Any]], out: str) -> dict[str, Any]:
