@@ -27,6 +27,7 @@ def test_cli_overrides_are_typed():
         ("train.epochs=many", ["train.epochs", "integer"]),
         ("preprocess.channels=[raw, sobel]", ["sobel"]),
         ("optim.lr", ["key=value"]),
+        ("data.colour=grey", ["data.colour", "reject", "luminance"]),
     ],
 )
 def test_bad_overrides_name_the_key(override, words):
