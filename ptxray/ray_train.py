@@ -413,9 +413,17 @@ def stage_checkpoint(run_dir: Path, into: Path) -> None:
             shutil.copy2(src, into / rel)
 
 
-def restore_checkpoint(checkpoint: Any, into: Path) -> Path:
-    """Download a reported checkpoint into `into`; returns its `checkpoints/last.pt`."""
-    local = Path(checkpoint.to_directory(str(into)))
+def restore_checkpoint(checkpoint: Any, run_dir: Path) -> Path:
+    """Download a reported checkpoint into the run folder `fit` continues in; returns its
+    `checkpoints/last.pt`.
+
+    Into the run folder itself, not beside it: its `checkpoints/best.pt` (the best weights so far)
+    must be there for `stage_checkpoint` to report again. A resumed run whose later epochs never
+    beat the restored best would otherwise report checkpoints without best.pt, and once Ray drops
+    the older ones (num_to_keep) the fold's best weights are gone. (`fit` keeps a best.pt it finds
+    when it resumes; it deletes one only on a fresh start.)
+    """
+    local = Path(checkpoint.to_directory(str(run_dir)))
     last = local / "checkpoints" / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"{checkpoint.path}: the reported checkpoint has no checkpoints/last.pt to resume from")
@@ -505,7 +513,7 @@ def train_loop_per_worker(config: dict) -> None:
         resume_from = None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            resume_from = restore_checkpoint(checkpoint, work / "restored")
+            resume_from = restore_checkpoint(checkpoint, work / "run")  # rank 0's run_dir below
             log.info("rank %d: resuming from %s", rank, checkpoint.path)
         debug = DebugHooks(config, rank, resumed=checkpoint is not None)
         debug.started()

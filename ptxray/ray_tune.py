@@ -144,14 +144,15 @@ def _train_in_trial(cfg: Config, cache_uri: str, debug_config: dict[str, Any]) -
 
     work = Path(tempfile.mkdtemp(prefix="ptxray-trial-"))
     try:
+        run_dir = work / "run"
         checkpoint = tune.get_checkpoint()
         resume_from = None
         if checkpoint is not None:
-            resume_from = ray_train.restore_checkpoint(checkpoint, work / "restored")
+            # Into run_dir: the restored best.pt is reported again with every later epoch.
+            resume_from = ray_train.restore_checkpoint(checkpoint, run_dir)
             log.info("trial resumes from %s", checkpoint.path)
         debug = ray_train.DebugHooks(debug_config, 0, resumed=checkpoint is not None)
         debug.started()
-        run_dir = work / "run"
 
         def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
             ended = time.time()

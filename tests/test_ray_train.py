@@ -19,6 +19,7 @@ import torch
 
 from ptxray.checkpoint import load_checkpoint
 from ptxray.config import load_config
+from ptxray.runs import FoldModelRef, load_fold_model
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,9 @@ def test_two_workers_report_identical_metrics_and_checkpoint_to_s3(cache_64px, m
 
 
 def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
-    cfg = _cfg(**{"compute.num_workers": 2, "train.epochs": 3, "compute.max_failures": 1})
+    # min_delta 100: only epoch 0 improves, so the best epoch comes before the kill and the
+    # resumed epochs never write a best.pt of their own.
+    cfg = _cfg(**{"compute.num_workers": 2, "train.epochs": 3, "compute.max_failures": 1, "train.early_stop_min_delta": 100.0})
     debug, storage = tmp_path / "debug", tmp_path / "runs"
     trainer = _trainer(cfg, cache_64px["cache"], "killed", storage, debug, debug_hold_after_epoch=0)
     snapshot = storage / "killed" / "checkpoint_manager_snapshot.json"
@@ -149,6 +152,13 @@ def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
     assert state["history"][0]["train_loss"] == ranks[0][0]["metrics"]["train_loss"]
     kept = sorted(p.name for p in (storage / "killed").glob("checkpoint_epoch_*"))
     assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # CheckpointConfig(num_to_keep=2)
+    # Epoch 0's checkpoint is gone, but its best weights travel with every later checkpoint.
+    for name in kept:
+        ref = FoldModelRef(0, str(storage / "killed" / name))
+        best = load_checkpoint(ref.best)
+        assert best["epoch"] == 0 and best["metrics"]["train_loss"] == ranks[0][0]["metrics"]["train_loss"], name
+        model, _ = load_fold_model(ref)
+        assert not model.training
 
 
 def test_storage_paths_and_worker_resources(tmp_path, moto_s3):

@@ -85,6 +85,7 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
 
 def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_local, smoke_cache, tmp_path):
     from ptxray import ray_tune
+    from ptxray.report import evaluate_run
 
     cfg = load_config(
         "smoke",
@@ -93,6 +94,9 @@ def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_lo
             "compute.max_failures": 1,
             "model.base_filters": 8,
             "train.epochs": 3,
+            # Only epoch 0 counts as an improvement: the best epoch comes before the kill, and the
+            # resumed epochs never beat it, so no checkpoint written after the resume saves a best.pt.
+            "train.early_stop_min_delta": 100.0,
             "augment.recipe": "none",
             "compute.storage_path": str(tmp_path / "runs"),
             "search.name": "killed-trial",
@@ -135,6 +139,12 @@ def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_lo
     state = load_checkpoint(Path(summary["best"]["fold_checkpoints"][0]) / "checkpoints" / "last.pt")
     assert state["epochs_completed"] == 3 and [h["epoch"] for h in state["history"]] == [0, 1, 2]
     assert state["history"][0]["train_loss"] == records[0]["metrics"]["train_loss"], "epoch 0 was not trained again"
+    # The fold's best weights (epoch 0, from before the kill) travel with every later checkpoint,
+    # so the summary's checkpoint has them and the run can be evaluated.
+    best = load_checkpoint(Path(summary["best"]["fold_checkpoints"][0]) / "checkpoints" / "best.pt")
+    assert best["epoch"] == 0 and best["metrics"]["train_loss"] == records[0]["metrics"]["train_loss"]
+    doc = evaluate_run(summary["experiment"], cache=smoke_cache, cases=1)
+    assert [m["fold"] for m in doc["metrics"]] == [0, "all"]
 
 
 def test_grid_keys_are_checked_before_anything_runs(ray_local, smoke_cache, tmp_path):
