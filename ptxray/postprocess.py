@@ -401,12 +401,13 @@ def save_search(result: SearchResult, uri: str, extra: dict[str, Any] | None = N
 def read_thresholds_doc(uri: str) -> dict[str, Any] | None:
     """The stored search (`save_search`'s document), or None when the file is absent."""
     try:
-        with storage.open_input_stream(uri) as f:
-            doc = json.loads(f.read())
+        doc = storage.read_json_object(uri)
     except FileNotFoundError:
         return None
     if doc.get("format") != THRESHOLDS_FORMAT:
         raise ValueError(f"{uri}: unknown thresholds format {doc.get('format')!r}")
+    if not isinstance(doc.get("rules"), dict) or doc.get("chosen") not in doc["rules"]:
+        raise ValueError(f"{uri}: not a thresholds search (needs 'rules' and a 'chosen' rule among them); rerun `ptxray thresholds`")
     return doc
 
 
@@ -416,7 +417,10 @@ def thresholds_from_doc(doc: dict[str, Any], uri: str, rule: str = "chosen") -> 
         rule = doc["chosen"]
     if rule not in doc["rules"]:
         raise ValueError(f"{uri}: no thresholds for rule {rule!r} (stored: {sorted(doc['rules'])})")
-    return Thresholds.from_dict({**doc["rules"][rule], "source": uri})
+    try:
+        return Thresholds.from_dict({**doc["rules"][rule], "source": uri})
+    except TypeError as e:  # a missing or unexpected field: Thresholds(...) names it
+        raise ValueError(f"{uri}: rule {rule!r}: not a thresholds record ({e})") from None
 
 
 def load_thresholds(uri: str, rule: str = "chosen") -> Thresholds | None:

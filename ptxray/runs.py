@@ -66,7 +66,14 @@ class FoldModelRef:
         """The fold's per-epoch metrics (metrics.jsonl); empty when the file is missing."""
         if not _exists(self.metrics_path):
             return []
-        return [json.loads(line) for line in _read_text(self.metrics_path).splitlines() if line.strip()]
+        history = []
+        for line_no, line in enumerate(_read_text(self.metrics_path).splitlines(), start=1):
+            if line.strip():
+                try:
+                    history.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RunError(f"{self.metrics_path}:{line_no}: not a JSON line ({e})") from None
+        return history
 
 
 @dataclass(frozen=True)
@@ -95,13 +102,19 @@ def open_run(run_dir: str) -> Run:
     run_dir = str(run_dir).rstrip("/")
     summary_path = storage.join(run_dir, "summary.json")
     if _exists(summary_path):
-        summary = json.loads(_read_text(summary_path))
+        try:
+            summary = storage.read_json_object(summary_path)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         best = summary.get("best")
-        if not best or not best.get("fold_checkpoints"):
+        if not isinstance(best, dict) or not best.get("fold_checkpoints"):
             raise RunError(f"{summary_path}: no best configuration with fold checkpoints (did every trial fail?)")
-        refs = tuple(
-            sorted((FoldModelRef(int(f), str(p)) for f, p in best["fold_checkpoints"].items()), key=lambda r: r.fold)
-        )
+        try:
+            refs = tuple(
+                sorted((FoldModelRef(int(f), str(p)) for f, p in best["fold_checkpoints"].items()), key=lambda r: r.fold)
+            )
+        except (AttributeError, TypeError, ValueError):
+            raise RunError(f"{summary_path}: best.fold_checkpoints must map fold numbers to checkpoint folders") from None
         missing = [r.best for r in refs if not _exists(r.best)]
         if missing:
             raise RunError(f"{run_dir}: fold checkpoints missing: {', '.join(missing)}")

@@ -9,6 +9,7 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles); this module never reads or 
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 from pathlib import Path
@@ -82,6 +83,20 @@ def open_input_stream(path_or_uri: str) -> "pyarrow.NativeFile":
         raise FileNotFoundError(f"{path_or_uri}: no such file or object") from None
 
 
+def read_json_object(path_or_uri: str) -> dict:
+    """A JSON file or object that must hold a JSON object (dict): ValueError naming the file when it
+    is not JSON or not an object; FileNotFoundError when it is missing."""
+    with open_input_stream(path_or_uri) as f:
+        data = f.read()
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path_or_uri}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path_or_uri}: expected a JSON object, got a JSON {type(doc).__name__}")
+    return doc
+
+
 def write_atomic(path_or_uri: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a whole file so that readers see the old content or the new, never a part.
 
@@ -132,4 +147,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["filesystem_and_path", "is_uri", "open_input_stream", "s3_filesystem_from_env", "write_atomic", "write_bytes_atomic"]
+__all__ = [
+    "filesystem_and_path", "is_uri", "open_input_stream", "read_json_object", "s3_filesystem_from_env", "write_atomic",
+    "write_bytes_atomic",
+]  # fmt: skip

@@ -134,3 +134,21 @@ def test_thresholds_validate_and_roundtrip(tmp_path):
     assert load_thresholds(str(tmp_path / "thresholds.json")).to_dict() == {**result.thresholds.to_dict(), "source": str(tmp_path / "thresholds.json")}
     assert load_thresholds(str(tmp_path / "thresholds.json"), "plain").rule == "plain"
     assert load_thresholds(str(tmp_path / "missing.json")) is None
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"\x00\xffgarbage", "not valid JSON"),
+        (b'"a string"', "expected a JSON object"),
+        (b'{"format": 1, "chosen": "plain"}', "not a thresholds search"),
+        (b'{"format": 1, "chosen": "plain", "rules": {"plain": {"top_score": 0.5}}}', "rule 'plain': not a thresholds record"),
+        (b'{"format": 99}', "unknown thresholds format 99"),
+    ],
+)
+def test_a_garbage_thresholds_json_is_named(tmp_path, content, reason):
+    path = tmp_path / "thresholds.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=reason) as info:
+        load_thresholds(str(path))
+    assert str(path) in str(info.value)

@@ -241,6 +241,25 @@ def test_predict_errors_are_named(tmp_path, capsys):
     assert "nope" in err and "not a ptxray run" in err
 
 
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got a JSON list"),
+        ('{"best": {"fold_checkpoints": {"zero": "/x"}}}', "must map fold numbers"),
+        ('{"best": [1]}', "no best configuration"),
+    ],
+)
+def test_a_garbage_summary_json_is_named_in_one_line(tmp_path, capsys, content, reason):
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / "summary.json").write_text(content)
+    for argv in (["evaluate", "--run", str(run)], ["predict", "--run", str(run), "--images", str(SAMPLE), "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(run / "summary.json") in err and reason in err, err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ensemble_on_cuda_matches_cpu(trained_run):
