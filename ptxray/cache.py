@@ -230,6 +230,12 @@ def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
         "dicoms_without_labels_paths": unlabeled,
         "labels_without_dicoms": len(labels_without_dicoms),
         "labels_without_dicoms_ids": labels_without_dicoms[:100],
+        # Label rows that are not RLE (their images are quarantined above), and images listed both
+        # as "-1" and with an RLE (taken as positive): see ptxray.masks.
+        "label_rows_quarantined": len(labels.bad_rows),
+        "label_rows_quarantine": [reason for _, reason in labels.bad_rows[:100]],
+        "labels_empty_and_rle": len(labels.empty_and_rle_ids),
+        "labels_empty_and_rle_ids": list(labels.empty_and_rle_ids[:100]),
         "folds": per_fold,
     }
     return PreparedIndex(index=index, summary=summary)

@@ -11,7 +11,13 @@ row p % H, column p // H, i.e. the mask flattened in Fortran order.
 
 "-1" (or an empty string) is an empty mask. An image may have several label rows, one per
 annotation: its mask is the union of all of them. If an image has both "-1" rows and positive rows
-(the real CSV has none, but hand-made files might), it is positive: the "-1" rows add nothing.
+(the real CSV has none, but hand-made files might), it is positive: the "-1" rows add nothing; such
+images are listed (`Labels.empty_and_rle_ids`) so `ptxray prepare` can report them.
+
+A row whose value is not an RLE (a negative or non-integer value) does not stop the file: the row
+is quarantined (`Labels.bad_rows`, the reason names the CSV, its line and the image), and so is
+its image: `Labels.mask` raises RleError with that reason, which `ptxray prepare` records in its
+quarantine list. Its other rows cannot be trusted to describe the whole mask.
 
 SIIM RLE has no library, so the codec is hand-written; it is vectorised over runs (no per-pixel
 Python) because the labels of ~12k images are decoded on every cache build.
@@ -176,11 +182,16 @@ class Labels:
 
     rles: dict[str, tuple[str, ...]]
     scheme: str = "siim"
+    bad_rows: tuple[tuple[str, str], ...] = ()  # (image id, reason) of every quarantined row
+    empty_and_rle_ids: tuple[str, ...] = ()  # images listed both as "-1" and with an RLE
     _sorted_ids: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    _bad: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
         object.__setattr__(self, "_sorted_ids", tuple(sorted(self.rles)))
+        for image_id, reason in reversed(self.bad_rows):  # reversed: the first reason wins
+            self._bad[image_id] = reason
 
     def positive(self, image_id: str) -> bool:
         return bool(self._rows(image_id))
@@ -188,9 +199,12 @@ class Labels:
     def mask(
         self, image_id: str, height: int = 1024, width: int = 1024, scheme: str | None = None
     ) -> np.ndarray:
-        """The union of all the image's rows as a uint8 {0, 1} (H, W) mask."""
+        """The union of all the image's rows as a uint8 {0, 1} (H, W) mask; RleError for an image
+        with a quarantined row (its reason)."""
         scheme = scheme or self.scheme
         rows = self._rows(image_id)
+        if image_id in self._bad:
+            raise RleError(self._bad[image_id])
         if len(rows) == 1:
             return decode_rle(rows[0], height, width, scheme, image_id)
         out = np.zeros((height, width), dtype=np.uint8)  # (H, W)
@@ -237,18 +251,30 @@ def _is_header(value: str) -> bool:
     return not _looks_like_rle(value) and not any(c.isdigit() for c in value)
 
 
+def _value_problem(value: str) -> str:
+    """Why a label value that is not RLE-shaped was refused (negative values named)."""
+    negative = next((t for t in value.split() if t.startswith("-") and t[1:].isdigit()), None)
+    if negative is not None:
+        return f"RLE value {negative} is negative (only a lone -1, an empty mask, may be)"
+    return f"value {value[:40]!r} is not an RLE"
+
+
 def parse_labels(text: str, source: str = "", scheme: str = "siim") -> Labels:
     """Parse the labels CSV: `image_id,rle` rows, with or without a header line.
 
     Accepts what real copies of the file contain: a UTF-8 BOM, headers `ImageId, EncodedPixels` or
     `fname,mask` (or none), spaces around values, Windows line endings, no final newline, several
-    rows per image and `-1` rows. RLE strings are only checked for shape here (integers); they are
-    fully validated when decoded.
+    rows per image and `-1` rows. RLE strings are only checked for shape here (non-negative
+    integers); they are fully validated when decoded. A row of the wrong shape (not two columns,
+    no image id) is an error for the file; a value that is not an RLE quarantines its row and image
+    (module doc).
     """
     _check_scheme(scheme)
     where = source or "labels CSV"
     text = text.lstrip("\ufeff")
     rows: dict[str, list[str]] = {}
+    has_empty_row: set[str] = set()
+    bad_rows: list[tuple[str, str]] = []
     first = True
     for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
         if not row or all(not cell.strip() for cell in row):
@@ -262,12 +288,15 @@ def parse_labels(text: str, source: str = "", scheme: str = "siim") -> Labels:
                 continue
         if not image_id:
             raise RleError(f"{where}:{line_no}: empty image id")
-        if not _looks_like_rle(value):
-            raise RleError(f"{where}:{line_no}: image {image_id}: value {value[:40]!r} is not an RLE")
         entry = rows.setdefault(image_id, [])
-        if value not in ("", EMPTY_RLE):
+        if not _looks_like_rle(value):
+            bad_rows.append((image_id, f"{where}:{line_no}: image {image_id}: {_value_problem(value)}"))
+        elif value in ("", EMPTY_RLE):
+            has_empty_row.add(image_id)
+        else:
             entry.append(value)
-    return Labels({k: tuple(v) for k, v in rows.items()}, scheme=scheme)
+    empty_and_rle = tuple(sorted(i for i in has_empty_row if rows[i]))
+    return Labels({k: tuple(v) for k, v in rows.items()}, scheme=scheme, bad_rows=tuple(bad_rows), empty_and_rle_ids=empty_and_rle)
 
 
 def read_labels(path_or_uri: str, scheme: str = "siim") -> Labels:

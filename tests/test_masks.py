@@ -278,13 +278,37 @@ def test_read_labels_missing_file_names_it(tmp_path):
 
 
 def test_bad_csv_rows_name_the_file_and_line():
+    # A row of the wrong shape is a broken file: an error.
     with pytest.raises(RleError, match=r"labels\.csv:2: expected 2 columns"):
         parse_labels("a,-1\nb,1 2,3 4\n", source="labels.csv")
+    # A value that is not an RLE quarantines its row and image, naming the file, line and image.
+    labels = parse_labels("ImageId,EncodedPixels\na,-1\nb,1 2 x\nb,0 1\nc,5 2\n", source="labels.csv")
+    assert labels.bad_rows == (("b", "labels.csv:3: image b: value '1 2 x' is not an RLE"),)
     with pytest.raises(RleError, match=r"labels\.csv:3: image b: .*not an RLE"):
-        parse_labels("ImageId,EncodedPixels\na,-1\nb,1 2 x\n", source="labels.csv")
+        labels.mask("b", 3, 3)
+    assert "b" in labels and labels.mask("c", 3, 3).sum() == 2 and not labels.mask("a", 3, 3).any()
     # A broken first row with digits is reported, not mistaken for a header.
-    with pytest.raises(RleError, match=r":1: image a"):
-        parse_labels("a,1 2 3x\n", source="labels.csv")
+    labels = parse_labels("a,1 2 3x\n", source="labels.csv")
+    assert [r for _, r in labels.bad_rows] == ["labels.csv:1: image a: value '1 2 3x' is not an RLE"]
+
+
+def test_negative_rle_value_quarantines_its_row_not_the_file():
+    text = "a,-1\nb,3 -2 4 1\nb,-7\nc,0 2\n"
+    labels = parse_labels(text, source="s3://bucket/train-rle.csv")
+    assert [i for i, _ in labels.bad_rows] == ["b", "b"]
+    assert labels.bad_rows[0][1] == "s3://bucket/train-rle.csv:2: image b: RLE value -2 is negative (only a lone -1, an empty mask, may be)"
+    assert "RLE value -7 is negative" in labels.bad_rows[1][1]
+    # The image is quarantined with its first row's reason; the other images are unaffected.
+    with pytest.raises(RleError, match=r"train-rle\.csv:2: image b: RLE value -2"):
+        labels.mask("b", 4, 4)
+    assert labels.mask("c", 4, 4).sum() == 2 and not labels.mask("a", 4, 4).any()
+
+
+def test_images_listed_as_empty_and_with_an_rle_are_counted():
+    labels = parse_labels("a,-1\na,0 2\nb,-1\nb,-1\nc,1 1\nd,4 1\nd,-1\n")
+    assert labels.empty_and_rle_ids == ("a", "d")
+    assert labels.positive("a") and labels.mask("a", 2, 2).sum() == 2  # still the union: positive
+    assert parse_labels("a,-1\nc,1 1\n").empty_and_rle_ids == ()
 
 
 def test_labels_mask_validates_rows_and_unknown_ids():
