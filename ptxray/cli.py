@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptxray.config import ConfigError, load_config
+from ptxray.storage import StorageError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,8 @@ def print_prepare_summary(summary: dict[str, Any], console=None) -> None:
         ("quarantined", "quarantined"),
         ("dicoms_without_labels", "DICOMs without labels"),
         ("labels_without_dicoms", "labels without DICOMs"),
+        ("label_rows_quarantined", "label rows that are not RLE"),
+        ("labels_empty_and_rle", "images labelled -1 and RLE (positive)"),
     ]:
         table.add_row(label, str(summary.get(key, "")))
     for f in summary.get("folds", []):
@@ -51,9 +54,15 @@ def print_prepare_summary(summary: dict[str, Any], console=None) -> None:
         table.add_row(f"  {name}", f"{f['images']} ({f['positive']} positive)")
     console.print(table)
     for q in summary.get("quarantine", [])[:20]:
-        console.print(f"[yellow]quarantined[/]: {q['reason']}")
+        console.print(f"[yellow]quarantined[/]: {q['reason']}", highlight=False)
     if summary.get("quarantined", 0) > 20:
         console.print(f"... and {summary['quarantined'] - 20} more (see the summary JSON)")
+    for reason in summary.get("label_rows_quarantine", [])[:20]:
+        console.print(f"[yellow]label row quarantined[/]: {reason}", highlight=False)
+    mixed = summary.get("labels_empty_and_rle_ids", [])
+    if mixed:
+        shown = ", ".join(mixed[:5]) + (f" and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+        console.print(f"[yellow]labelled both -1 and RLE[/] (the RLE rows count, the image is positive): {shown}", highlight=False)
     state = "reused (nothing decoded)" if summary.get("reused") else "written"
     console.print(f"cache {state}: {summary.get('cache')}  ({summary.get('seconds')} s)")
 
@@ -501,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"ptxray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

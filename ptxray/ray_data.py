@@ -65,13 +65,46 @@ def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str,
     return cache_mod.rows_to_table(rows)
 
 
+@contextlib.contextmanager
+def _io_errors_not_retried() -> Iterator[None]:
+    """Ray Data retries S3 network errors in three nested layers (opening a file, entering it,
+    re-reading the stream), each up to 10 times with backoff up to 32 s: with the endpoint gone, a
+    read task retries for hours and prepare sits at "0/?" saying nothing. pyarrow's own bounded
+    retries (`storage.S3_MAX_ATTEMPTS`) are enough, so datasets built and run in this block retry
+    nothing more."""
+    import warnings
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.retried_io_errors
+    with warnings.catch_warnings():  # "substring matching will be deprecated": moot for no patterns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.retried_io_errors = []
+    try:
+        yield
+    finally:
+        ctx.retried_io_errors = saved
+
+
 def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = False) -> dict[str, Any]:
     """Build (or reuse) the cache for these inputs; returns the summary (also saved as JSON).
 
-    Bad files never stop the run: each becomes a quarantine entry with its path and reason.
+    Bad files never stop the run: each becomes a quarantine entry with its path and reason. An
+    object store that fails (unreachable, no credentials, no bucket) stops it with a one-line
+    `storage.StorageError` naming the object and the cause; so does a folder without DICOMs
+    (FileNotFoundError).
     """
+    with storage.s3_errors(images), _io_errors_not_retried():
+        return _prepare(cfg, images=images, labels=labels, cache=cache, force=force)
+
+
+def _prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     fs, paths, listing = cache_mod.list_dicoms(images)
+    if not paths:
+        raise FileNotFoundError(f"{images}: no DICOM files (*.dcm, *.dicom) in this folder or prefix")
+    storage.check_bucket(cache)
     label_index = read_labels(labels, scheme=cfg.data.rle_scheme)
     key = cache_mod.cache_key(cfg, listing, cache_mod.labels_sha256(labels))
     cache_dir = storage.join(cache, key)

@@ -62,18 +62,16 @@ class MotoS3:
         urllib.request.urlopen(req, timeout=10).read()
 
 
-@pytest.fixture(scope="session")
-def moto_s3(tmp_path_factory):
-    """A real S3 HTTP endpoint on 127.0.0.1, with the AWS environment pointed at it.
-
-    Set before any Ray starts, so Ray workers (children of the raylet) inherit it too.
-    """
+def start_moto_server(recording: Path, **env: str) -> tuple[subprocess.Popen, MotoS3]:
+    """A moto_server process on a free 127.0.0.1 port, answering; `env` adds to its environment
+    (e.g. INITIAL_NO_AUTH_ACTION_COUNT="0": check credentials). Stop it with `stop_moto_server`."""
     port = free_port()
-    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
     exe = Path(sys.executable).with_name("moto_server")
-    env = dict(os.environ, MOTO_RECORDER_FILEPATH=str(recording))
     proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        env=dict(os.environ, MOTO_RECORDER_FILEPATH=str(recording), **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -86,6 +84,26 @@ def moto_s3(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.2)
+    return proc, MotoS3(endpoint=endpoint, recording=recording)
+
+
+def stop_moto_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A real S3 HTTP endpoint on 127.0.0.1, with the AWS environment pointed at it.
+
+    Set before any Ray starts, so Ray workers (children of the raylet) inherit it too.
+    """
+    proc, server = start_moto_server(tmp_path_factory.mktemp("moto") / "recording.jsonl")
+    endpoint = server.endpoint
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
@@ -95,13 +113,9 @@ def moto_s3(tmp_path_factory):
         AWS_EC2_METADATA_DISABLED="true",
     )
     try:
-        yield MotoS3(endpoint=endpoint, recording=recording)
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_moto_server(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

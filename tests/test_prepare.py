@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import odd_dicoms
-from conftest import SIIM_SAMPLE
 from odd_dicoms import ODD_CASES, reference, sop_instance_uid, write_odd_folder
+from conftest import SIIM_SAMPLE, free_port, start_moto_server, stop_moto_server
 from ptxray import cache as cache_mod
+from ptxray.cli import main
 from ptxray.config import load_config
 from ptxray.dicom import read_dicom_file
 from ptxray.masks import encode_rle, read_labels
@@ -231,3 +235,132 @@ def test_prepare_over_odd_dicoms_reads_or_quarantines_each_with_its_reason(ray_l
                                  labels=str(labels), cache=str(tmp_path / "cache"))
     assert luminance["cache"] != summary["cache"]
     assert luminance["images"] == len(readable) + len(colour) and luminance["quarantined"] == len(broken)
+def _prepare_cli(capsys, images: str, labels: str, cache: str, *extra: str) -> tuple[int, str, str]:
+    """`ptxray prepare` in this process (it reuses the test's Ray): (exit code, stdout, stderr)."""
+    rc = main(["prepare", "--config", "smoke", "--images", images, "--labels", labels, "--cache", cache, *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+def test_label_rows_that_are_not_rle_are_quarantined_and_mixed_labels_counted(ray_local, tmp_path, capsys):
+    """A negative RLE value quarantines its row and image (not the run); an image listed as -1 and
+    with an RLE is counted in the summary."""
+    rows = (SIIM_SAMPLE / "train-rle-sample.csv").read_text(encoding="utf-8-sig").splitlines()
+    negative_id = rows[5].split(",")[0]  # a positive image
+    mixed_id = rows[6].split(",")[0]  # another positive image, also listed as -1 below
+    rows[5] = f"{negative_id}, 175349 7 -1013 12"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join([*rows, f"{mixed_id},-1"]) + "\n")
+
+    rc, out, err = _prepare_cli(capsys, str(SIIM_SAMPLE / "sample-images"), str(labels), str(tmp_path / "cache"),
+                                "--summary-json", str(tmp_path / "summary.json"))
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reason = f"{labels}:6: image {negative_id}: RLE value -1013 is negative (only a lone -1, an empty mask, may be)"
+    assert summary["label_rows_quarantined"] == 1 and summary["label_rows_quarantine"] == [reason]
+    (q,) = summary["quarantine"]
+    assert q["path"].endswith(f"{negative_id}.dcm") and q["reason"].endswith(f"label: {reason}")
+    assert summary["images"] == 9 and summary["positive"] == 4, "the quarantined image is left out; the mixed one is positive"
+    assert summary["labels_empty_and_rle"] == 1 and summary["labels_empty_and_rle_ids"] == [mixed_id]
+    assert "label rows that are not RLE" in out and "labelled both -1 and RLE" in out
+
+
+def test_prepare_of_a_folder_without_dicoms_is_a_one_line_error(ray_local, tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "empty-subfolder").mkdir(parents=True)
+    (images / "notes.txt").write_text("not a DICOM")
+    rc, _, err = _prepare_cli(capsys, str(images), str(SIIM_SAMPLE / "train-rle-sample.csv"), str(tmp_path / "cache"))
+    assert rc == 2 and err == f"ptxray prepare: error: {images}: no DICOM files (*.dcm, *.dicom) in this folder or prefix"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_s3_failures_at_the_start_of_prepare_are_one_line_errors(ray_local, moto_s3, tmp_path, monkeypatch, capsys):
+    s3 = moto_s3.client()
+    s3.create_bucket(Bucket="ptx-start")
+    s3.upload_file(str(SIIM_SAMPLE / "train-rle-sample.csv"), "ptx-start", "train-rle.csv")
+    images, labels = str(SIIM_SAMPLE / "sample-images"), "s3://ptx-start/train-rle.csv"
+
+    # A cache bucket that does not exist: refused before anything is decoded.
+    rc, _, err = _prepare_cli(capsys, images, labels, "s3://ptx-no-such-bucket/cache")
+    assert (rc, err) == (2, "ptxray prepare: error: s3://ptx-no-such-bucket/cache: bucket 'ptx-no-such-bucket' does not exist (create it first)")
+
+    # Nothing listens at the endpoint.
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    rc, _, err = _prepare_cli(capsys, "s3://ptx-start/images", labels, "s3://ptx-start/cache")
+    assert rc == 2 and err == (
+        f"ptxray prepare: error: s3://ptx-start/images: cannot reach the S3 endpoint {dead} after 3 tries "
+        "(curlCode: 7, Could not connect to server)"
+    )
+
+    # An endpoint that checks credentials, and none in the environment or in credential files.
+    proc, checking = start_moto_server(tmp_path / "requests.jsonl", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", checking.endpoint)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        rc, _, err = _prepare_cli(capsys, "s3://ptx-private/images", "s3://ptx-private/train-rle.csv", "s3://ptx-private/cache")
+        assert rc == 2 and len(err.splitlines()) == 1
+        assert err.startswith(
+            "ptxray prepare: error: s3://ptx-private/images: no AWS credentials found "
+            "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        ), err
+        # Credentials the endpoint does not know.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        rc, _, err = _prepare_cli(capsys, "s3://ptx-private/images", "s3://ptx-private/train-rle.csv", "s3://ptx-private/cache")
+        assert rc == 2 and err == (
+            "ptxray prepare: error: s3://ptx-private/images: access denied: check the AWS credentials and their "
+            "permissions (AWS Error ACCESS_DENIED during HeadObject)"
+        )
+    finally:
+        stop_moto_server(proc)
+
+
+def _dicom_fetched(recording: Path) -> bool:
+    if not recording.exists():
+        return False
+    for line in recording.read_text().splitlines():
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if request["method"] == "GET" and ".dcm" in request["url"]:
+            return True
+    return False
+
+
+def test_s3_endpoint_killed_during_prepare_fails_with_one_line_instead_of_hanging(
+    ray_local, moto_s3, synth_dataset, tmp_path, monkeypatch, capsys
+):
+    """Before: Ray Data retried the read for hours at "0/?" with no message."""
+    proc, doomed = start_moto_server(tmp_path / "requests.jsonl")
+    try:
+        s3 = doomed.client()
+        s3.create_bucket(Bucket="ptx-doomed")
+        _upload(s3, "ptx-doomed", synth_dataset, "siim")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", doomed.endpoint)  # the driver's filesystems travel to the tasks
+        doomed.start_recording()
+        result: dict[str, int] = {}
+        args = ("s3://ptx-doomed/siim/dicom-images-train", "s3://ptx-doomed/siim/train-rle.csv", "s3://ptx-doomed/cache")
+        prepare = threading.Thread(target=lambda: result.update(rc=main(["prepare", "--config", "smoke", "--images", args[0],
+                                                                         "--labels", args[1], "--cache", args[2]])), daemon=True)  # fmt: skip
+        prepare.start()
+        # Kill the endpoint once a read task fetches a DICOM: decoding, the cache write and the
+        # manifest all still need it, so prepare cannot finish.
+        deadline = time.time() + 120
+        while time.time() < deadline and not _dicom_fetched(doomed.recording):
+            time.sleep(0.05)
+        assert _dicom_fetched(doomed.recording), "prepare never read a DICOM"
+        proc.kill()
+        prepare.join(timeout=300)
+        assert not prepare.is_alive(), "prepare still runs 300 s after its S3 endpoint died"
+    finally:
+        stop_moto_server(proc)
+    assert result["rc"] == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"ptxray prepare: error: s3://ptx-doomed/\S+: cannot reach the S3 endpoint {re.escape(doomed.endpoint)} after 3 tries \(.+\)", last
+    ), last
