@@ -45,8 +45,14 @@ DEFAULT_BIN_THRESHOLD = 0.4
 
 
 def quantize(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] (any shape, float) -> uint8 levels round(prob * 255)."""
-    return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """Probabilities in [0, 1] (any shape, float) -> uint8 levels round(prob * 255), halves down.
+
+    Halves round down so that `level >= first_level_above(t)` means `prob > t` at t = 0.5 exactly
+    as the training metric's `logit > 0`: float32 sigmoid rounds logits within ~3e-8 of 0 to 0.5,
+    which must not count as above it (round-half-to-even made 0.5 level 128, 'above'). Other
+    thresholds decide at the midpoint between two levels, as before."""
+    scaled = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0) * 255.0
+    return np.ceil(scaled - 0.5).astype(np.uint8)
 
 
 def first_level_above(threshold: float | np.ndarray) -> np.ndarray:

@@ -97,6 +97,17 @@ def test_every_grid_point_matches_applying_its_rule_to_the_maps():
         assert np.allclose(per_image_dice(stats, th)[0], direct)
 
 
+def test_a_probability_equal_to_the_threshold_is_not_above_it():
+    # The training metric counts sigmoid(logit) > 0.5, i.e. logit > 0; sigmoid rounds logits within
+    # ~3e-8 of 0 to exactly 0.5 in float32, and those pixels must stay below the 0.5 threshold.
+    probs = np.array([0.5, np.nextafter(np.float32(0.5), np.float32(1)), 0.4999, 0.0, 1.0], np.float32)
+    levels = quantize(probs)
+    assert list(levels >= first_level_above(0.5)) == [False, True, False, False, True]
+    assert levels[0] == 127 and levels[1] == 128 and levels[3] == 0 and levels[4] == 255
+    # The other thresholds keep deciding at the midpoint between two levels.
+    assert list(quantize(np.array([0.4 + 0.4 / 255, 0.4 + 0.6 / 255])) >= first_level_above(0.4)) == [False, True]
+
+
 def test_levels_and_histograms():
     assert first_level_above(0.4) == 103  # 0.4 * 255 = 102 (not 101.99...)
     assert first_level_above(0.0) == 1 and first_level_above(1.0) == 256
