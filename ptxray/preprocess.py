@@ -9,12 +9,13 @@ and even there the per-pixel step is a 256-entry lookup table applied by `cv2.LU
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from ptxray.config import CHANNEL_NAMES, PreprocessConfig
+from ptxray.config import PreprocessConfig
 
 # OpenCV clips a tile's histogram at int(clip_limit * tile_pixels / 256). No bin of a tile can hold
 # more than tile_pixels, so any clip_limit >= 256 means the clip never triggers: CLAHE with such a
@@ -176,6 +177,62 @@ def _resize_area(image: np.ndarray, size: int, dst: np.ndarray | None = None) ->
     return cv2.resize(image, (size, size), dst=dst, interpolation=cv2.INTER_AREA)
 
 
+@dataclass(frozen=True)
+class ChannelSettings:
+    """The enhancement settings a channel may read (`PreprocessConfig`'s, validated by `make_channels`)."""
+
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    ahe_tile_grid: int = 8
+    beasf_gamma: float = 0.5
+
+
+# A channel: (resized uint8 (S, S), settings, dst uint8 (S, S)) -> None, writing into dst.
+ChannelFn = Callable[[np.ndarray, ChannelSettings, np.ndarray], None]
+
+# name -> implementation. `config.CHANNEL_NAMES` (what a config may ask for, checked without
+# importing OpenCV) must list exactly these names; tests/test_preprocess.py checks that the two agree.
+CHANNELS: dict[str, ChannelFn] = {}
+
+
+def register_channel(name: str) -> Callable[[ChannelFn], ChannelFn]:
+    """Decorator: make `fn` the implementation of channel `name` (also add `name` to `config.CHANNEL_NAMES`)."""
+
+    def add(fn: ChannelFn) -> ChannelFn:
+        if name in CHANNELS:
+            raise ValueError(f"register_channel: channel {name!r} is already registered ({CHANNELS[name].__name__})")
+        CHANNELS[name] = fn
+        return fn
+
+    return add
+
+
+# OpenCV writes straight into the (size, size) slice of the stack: no intermediate copies.
+@register_channel("raw")
+def _raw_channel(resized: np.ndarray, settings: ChannelSettings, dst: np.ndarray) -> None:
+    dst[...] = resized
+
+
+@register_channel("he")
+def _he_channel(resized: np.ndarray, settings: ChannelSettings, dst: np.ndarray) -> None:
+    cv2.equalizeHist(resized, dst=dst)
+
+
+@register_channel("ahe")
+def _ahe_channel(resized: np.ndarray, settings: ChannelSettings, dst: np.ndarray) -> None:
+    _clahe_object(_AHE_CLIP_LIMIT, settings.ahe_tile_grid).apply(resized, dst=dst)
+
+
+@register_channel("clahe")
+def _clahe_channel(resized: np.ndarray, settings: ChannelSettings, dst: np.ndarray) -> None:
+    _clahe_object(settings.clahe_clip_limit, settings.clahe_tile_grid).apply(resized, dst=dst)
+
+
+@register_channel("beasf")
+def _beasf_channel(resized: np.ndarray, settings: ChannelSettings, dst: np.ndarray) -> None:
+    cv2.LUT(resized, beasf_lut(resized, settings.beasf_gamma), dst=dst)
+
+
 def make_channels(
     image: np.ndarray,
     channels: Sequence[str] = ("raw", "clahe", "beasf"),
@@ -188,7 +245,8 @@ def make_channels(
 ) -> np.ndarray:
     """Resize a grey-level image to size x size and stack the requested enhancements.
 
-    image: uint8 (H, W). Returns a C-contiguous uint8 (C, size, size), channel i = channels[i].
+    image: uint8 (H, W). Returns a C-contiguous uint8 (C, size, size), channel i = channels[i],
+    computed by the function registered for that name (`register_channel`).
 
     The image is resized FIRST (INTER_AREA, the right filter for downscaling 1024 -> 512) and the
     enhancements are computed on the resized image: the cache stores the training resolution, the
@@ -198,11 +256,11 @@ def make_channels(
     """
     _check_image(image, "make_channels")
     channels = tuple(channels)
-    unknown = [c for c in channels if c not in CHANNEL_NAMES]
+    unknown = [c for c in channels if c not in CHANNELS]
     if unknown or not channels:
         raise ValueError(
             f"make_channels: unknown channel name(s) {unknown or '(none given)'}; "
-            f"valid names are {list(CHANNEL_NAMES)}"
+            f"valid names are {list(CHANNELS)}"
         )
     if int(size) != size or size < 1:
         raise ValueError(f"make_channels: size must be a positive integer, got {size!r}")
@@ -212,25 +270,15 @@ def make_channels(
     _check_tile_grid(clahe_tile_grid, "make_channels (clahe_tile_grid)")
     _check_tile_grid(ahe_tile_grid, "make_channels (ahe_tile_grid)")
     _check_gamma(beasf_gamma, "make_channels")
+    settings = ChannelSettings(float(clahe_clip_limit), int(clahe_tile_grid), int(ahe_tile_grid), float(beasf_gamma))
 
     out = np.empty((len(channels), size, size), dtype=np.uint8)  # (C, size, size)
     # Resize once into the first "raw" slot if there is one, else into a scratch buffer.
     raw_index = channels.index("raw") if "raw" in channels else None
     resized = _resize_area(image, size, dst=out[raw_index] if raw_index is not None else None)
     for i, name in enumerate(channels):
-        if i == raw_index:
-            continue
-        # OpenCV writes straight into the (size, size) slice: no intermediate copies.
-        if name == "raw":
-            out[i] = resized
-        elif name == "he":
-            cv2.equalizeHist(resized, dst=out[i])
-        elif name == "ahe":
-            _clahe_object(_AHE_CLIP_LIMIT, ahe_tile_grid).apply(resized, dst=out[i])
-        elif name == "clahe":
-            _clahe_object(clahe_clip_limit, clahe_tile_grid).apply(resized, dst=out[i])
-        elif name == "beasf":
-            cv2.LUT(resized, beasf_lut(resized, beasf_gamma), dst=out[i])
+        if i != raw_index:
+            CHANNELS[name](resized, settings, out[i])
     return out
 
 
@@ -276,6 +324,8 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = [
+    "CHANNELS",
+    "ChannelSettings",
     "ahe",
     "beasf",
     "beasf_lut",
@@ -283,5 +333,6 @@ __all__ = [
     "clahe",
     "he",
     "make_channels",
+    "register_channel",
     "resize_mask",
 ]

@@ -76,6 +76,24 @@ def test_make_channels_at_native_size_copies_the_raw_image():
     assert not np.shares_memory(out, image)
 
 
+def test_every_configurable_channel_has_one_implementation_that_writes_every_pixel():
+    # A name a config may ask for (config.CHANNEL_NAMES) without a registered implementation, or
+    # an implementation that leaves part of its slice unwritten, would hand the model np.empty memory.
+    assert set(P.CHANNELS) == set(CHANNEL_NAMES)
+    image = _structured(48)
+    settings = P.ChannelSettings()
+    for name, fn in P.CHANNELS.items():
+        outs = []
+        for fill in (0, 255):
+            dst = np.full((48, 48), fill, np.uint8)
+            fn(image, settings, dst)
+            outs.append(dst)
+        np.testing.assert_array_equal(outs[0], outs[1], err_msg=name)
+        np.testing.assert_array_equal(P.make_channels(image, (name,), 48)[0], outs[0], err_msg=name)
+    with pytest.raises(ValueError, match="already registered"):
+        P.register_channel("raw")(lambda resized, settings, dst: None)
+
+
 def test_make_channels_unknown_channel_names_it_and_the_valid_names():
     with pytest.raises(ValueError) as err:
         P.make_channels(_structured(32), ("raw", "sobel"), 32)
