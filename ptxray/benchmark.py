@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptxray.augment import DeviceAugment, augment_generator
 from ptxray.batchsize import (
     DEFAULT_MAX_BATCH_SIZE,
     PeakMemory,
@@ -85,8 +86,8 @@ from ptxray.engine import (
     train_epoch,
 )
 from ptxray.losses import build_loss, weight_penalty
-from ptxray.models import available_architectures, build_model
-from ptxray.runner import FoldData, make_batch_fns, steps_per_epoch
+from ptxray.models import available_architectures, build_model, capabilities
+from ptxray.runner import FoldData, PrefetchedEpochs, device_augment_for, make_batch_fns, steps_per_epoch
 
 log = logging.getLogger("ptxray")
 
@@ -121,7 +122,6 @@ PAPER_SET = (
     "maskrcnn",
 )
 OTHER_DECODERS = ("unetplusplus", "manet", "linknet", "pspnet", "pan", "upernet")
-NO_COMPILE = ("maskrcnn",)  # detection code with data-dependent shapes: torch.compile would thrash
 
 # Columns of the CSV / table, in order (the JSON has these plus history and search attempts).
 RESULT_COLUMNS = (
@@ -185,7 +185,7 @@ def parse_archs(text: str) -> list[ArchSpec]:
 def arch_config(cfg: Config, spec: ArchSpec, chexnet: str | None = None) -> Config:
     """The config for one architecture: random initial weights, CheXNet for densenet121 when given."""
     encoder = spec.encoder or cfg.model.encoder
-    weights = f"chexnet:{chexnet}" if chexnet and encoder == "densenet121" and spec.arch != "unet_vanilla" else "none"
+    weights = f"chexnet:{chexnet}" if chexnet and encoder == "densenet121" and capabilities(spec.arch).has_encoder else "none"
     return cfg.with_overrides({"model.arch": spec.arch, "model.encoder": encoder, "model.encoder_weights": weights})
 
 
@@ -365,8 +365,41 @@ def train_for_budget(
     amp: bool,
     channels_last: bool,
 ) -> list[dict[str, Any]]:
-    """Train for the budget with the engine; one history entry (train + val metrics) per epoch."""
-    train_batches, val_batches = make_batch_fns(cfg, data)
+    """Train for the budget with the engine; one history entry (train + val metrics) per epoch.
+
+    The batches take the path training takes on `device` (`augment.where`): on CUDA uint8 batches
+    are augmented on the device and the host builds them ahead in a thread, so the throughput
+    measured is the model's, not the host augmentation's."""
+    device_augment = device_augment_for(cfg, device)
+    where = "host" if device_augment is None else "device"
+    train_batches, val_batches = make_batch_fns(cfg, data, where=where, pin=device.type == "cuda")
+    if device.type == "cuda":
+        train_batches = PrefetchedEpochs(train_batches)
+    try:
+        history = _train_epochs(
+            model, cfg, data, settings, device, train_batches, val_batches, device_augment, amp=amp, channels_last=channels_last
+        )
+    finally:
+        if isinstance(train_batches, PrefetchedEpochs):
+            train_batches.close()
+    for entry in history:
+        entry["augment_where"] = where
+    return history
+
+
+def _train_epochs(
+    model: nn.Module,
+    cfg: Config,
+    data: FoldData,
+    settings: BenchmarkSettings,
+    device: torch.device,
+    train_batches: Callable[[int, np.random.Generator], Iterable],
+    val_batches: Callable[[], Iterable],
+    device_augment: DeviceAugment | None,
+    *,
+    amp: bool,
+    channels_last: bool,
+) -> list[dict[str, Any]]:
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.loss).to(device)
     l1, l2 = cfg.loss.l1_penalty, cfg.loss.l2_penalty
@@ -387,6 +420,8 @@ def train_for_budget(
             model, batches, optimizer, loss_fn, device=device,
             scheduler=scheduler if scheduler_steps_per_batch(scheduler) else None,
             amp=amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=penalty, channels_last=channels_last,
+            augment=device_augment,
+            generator=augment_generator(device, [cfg.train.seed, epoch]) if device_augment is not None else None,
         )  # fmt: skip
         train_seconds += stats["seconds"]
         images_seen += stats["images"]
@@ -423,7 +458,7 @@ def benchmark_architecture(
     }  # fmt: skip
     try:
         acfg = arch_config(cfg, spec, settings.chexnet or None)
-        row["encoder"] = acfg.model.encoder if spec.arch not in ("unet_vanilla", "maskrcnn") else None
+        row["encoder"] = acfg.model.encoder if capabilities(spec.arch).has_encoder else None
         row["encoder_weights"] = acfg.model.encoder_weights
         _measure(acfg, spec, data, settings, device, row)
     except Exception as e:  # noqa: BLE001 - one architecture's failure must not end the benchmark
@@ -475,7 +510,7 @@ def _measure(
     cuda = device.type == "cuda"
     amp = cfg.compute.amp and cuda
     channels_last = cfg.compute.channels_last
-    compile_model = settings.compile and spec.arch not in NO_COMPILE
+    compile_model = settings.compile and capabilities(spec.arch).compilable
     size = cfg.preprocess.image_size_px
     n_train = len(data.train_images)
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from ptxray import __version__, storage
 from ptxray.cache import list_dicoms
 from ptxray.dicom import DicomError
+from ptxray.models import describe_architecture
 from ptxray.runs import FoldEnsemble
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def export_run(
     folds = [r.fold for r in refs]
     _same_model_settings(cfgs, run.run_dir, folds)
     cfg = cfgs[0]
-    arch = cfg.model.arch + (f"({cfg.model.encoder})" if cfg.model.arch != "unet_vanilla" else "")
+    arch = describe_architecture(cfg.model)
     channels, size_px = cfg.model.in_channels, cfg.preprocess.image_size_px
     module = FoldEnsemble(models, tta_flip=tta_flip)
 

@@ -179,6 +179,17 @@ def test_seconds_budget_fixed_batch_and_a_failing_architecture(cache64):
     assert cells[0][0] == "pan" and set(cells[0][1:]) == {"-"}
 
 
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_benchmark_trains_on_the_augmentation_path_training_takes(cache64, where):
+    # augment.where=auto is the device path on CUDA; `device` forces it here on CPU.
+    cfg = load_config("smoke", {"augment.where": where, "model.base_filters": 4, "model.depth": 2})
+    settings = BenchmarkSettings(epochs=1, batch_size=4, batch_search=False, warmup_steps=0, timing_steps=1, repeats=1)
+    (row,) = benchmark.run_local(cfg, cache64, parse_archs("unet_vanilla"), settings)
+    assert row["status"] == "ok", row["error"]
+    assert [h["augment_where"] for h in row["history"]] == [where]
+    assert row["history"][0]["train_images_seen"] > 0 and math.isfinite(row["history"][0]["train_loss"])
+
+
 def test_ray_tune_trials_one_per_architecture(ray_local, cache64, tmp_path):
     from ptxray import ray_benchmark
 

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ptxray.config import Config, ModelConfig
-from ptxray.models import available_architectures, build_model, count_parameters
+from ptxray.models import available_architectures, build_model, capabilities, count_parameters, describe_architecture
 from ptxray.models.weights import adapt_first_conv
 
 BASE = Config().model  # the defaults, with in_channels resolved from preprocess.channels (3)
@@ -188,6 +188,22 @@ def test_other_channel_counts(arch, encoder, channels):
     assert seg.shape == (2, 1, 64, 64) and cls.shape == (2, 1)
     with pytest.raises(RuntimeError):  # the first conv really expects `channels` inputs
         model(torch.rand(2, channels + 1, 64, 64))
+
+
+def test_registered_capabilities_say_what_the_builders_do():
+    # has_encoder: model.encoder chooses the backbone exactly when the capability says so.
+    for arch in available_architectures():
+        caps = capabilities(arch)
+        if caps.has_encoder:
+            with pytest.raises(ValueError, match="resnet-nope"):
+                build_model(cfg(arch=arch, encoder="resnet-nope"))
+            assert describe_architecture(cfg(arch=arch, encoder="resnet34")) == f"{arch}(resnet34)"
+        else:
+            build_model(cfg(arch=arch, encoder="resnet-nope"))
+            assert describe_architecture(cfg(arch=arch, encoder="resnet34")) == arch
+    assert not capabilities("maskrcnn").compilable and capabilities("unet").compilable
+    with pytest.raises(ValueError, match="resunet9000"):
+        capabilities("resunet9000")
 
 
 def test_unknown_arch_lists_registered_names():

@@ -2,7 +2,8 @@
 
 Each architecture registers a builder `ModelConfig -> nn.Module` under its name (timm's
 `create_model` pattern), so adding an architecture is one decorated function and no caller
-branches on `cfg.arch`.
+branches on `cfg.arch`: what callers need to know (`compilable`, `has_encoder`) is registered with
+it and read through `capabilities(arch)`.
 
 Every model built here follows one contract: `forward(x)` takes float32 `(B, C, H, W)` in [0, 1]
 and returns `(seg_logits (B, 1, H, W), cls_logits (B, 1))`, logits not probabilities. Models are
@@ -16,6 +17,7 @@ loss comes from the model) is called as `forward(image, mask)` and returns a dic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
@@ -24,16 +26,31 @@ from ptxray.config import ModelConfig
 
 Builder = Callable[[ModelConfig], nn.Module]
 
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What callers may ask of an architecture without branching on its name."""
+
+    # torch.compile keeps one graph for it (False: data-dependent shapes, e.g. a detector, would
+    # recompile every batch).
+    compilable: bool = True
+    # `model.encoder` / `model.encoder_weights` choose its backbone (False: the architecture fixes
+    # its own and ignores model.encoder).
+    has_encoder: bool = True
+
+
 _BUILDERS: dict[str, Builder] = {}
+_CAPABILITIES: dict[str, Capabilities] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: `@register("unet_vanilla") def build(cfg: ModelConfig) -> nn.Module`."""
+def register(name: str, *, compilable: bool = True, has_encoder: bool = True) -> Callable[[Builder], Builder]:
+    """Decorator: `@register("unet_vanilla", has_encoder=False) def build(cfg: ModelConfig) -> nn.Module`."""
 
     def decorator(builder: Builder) -> Builder:
         if name in _BUILDERS:
             raise ValueError(f"model architecture {name!r} is registered twice")
         _BUILDERS[name] = builder
+        _CAPABILITIES[name] = Capabilities(compilable=compilable, has_encoder=has_encoder)
         return builder
 
     return decorator
@@ -43,6 +60,19 @@ def available_architectures() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def capabilities(arch: str) -> Capabilities:
+    """The registered capabilities of `arch` (ValueError naming the registered ones when unknown)."""
+    try:
+        return _CAPABILITIES[arch]
+    except KeyError:
+        raise ValueError(f"model.arch={arch!r}: unknown architecture; registered: {available_architectures()}") from None
+
+
+def describe_architecture(cfg: ModelConfig) -> str:
+    """'unet(resnet34)', or the bare name for an architecture that has no configurable encoder."""
+    return f"{cfg.arch}({cfg.encoder})" if capabilities(cfg.arch).has_encoder else cfg.arch
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build `cfg.arch` and load `cfg.encoder_weights` into its encoder (nothing downloads)."""
     if cfg.in_channels < 1:
@@ -50,13 +80,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             f"model.in_channels={cfg.in_channels}: must be >= 1 (0 means 'len(preprocess.channels)' "
             "and is resolved by ptxray.config.Config; pass Config(...).model)"
         )
-    try:
-        builder = _BUILDERS[cfg.arch]
-    except KeyError:
-        raise ValueError(
-            f"model.arch={cfg.arch!r}: unknown architecture; registered: {available_architectures()}"
-        ) from None
-    model = builder(cfg)
+    capabilities(cfg.arch)  # the unknown-architecture error
+    model = _BUILDERS[cfg.arch](cfg)
     if cfg.encoder_weights.strip().lower() not in ("", "none"):
         load_encoder_weights(model, cfg)
     return model
@@ -71,9 +96,12 @@ from ptxray.models import maskrcnn, smp_models, vanilla  # noqa: E402,F401
 from ptxray.models.weights import load_encoder_weights  # noqa: E402
 
 __all__ = [
+    "Capabilities",
     "available_architectures",
     "build_model",
+    "capabilities",
     "count_parameters",
+    "describe_architecture",
     "load_encoder_weights",
     "register",
 ]

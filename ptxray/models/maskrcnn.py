@@ -116,7 +116,9 @@ class MaskRCNNSegmenter(nn.Module):
         return merge_detections(self.net(images), (h, w))
 
 
-@register("maskrcnn")
+# A detector: data-dependent shapes (torch.compile would recompile every batch), and a fixed
+# ResNet-50 FPN backbone.
+@register("maskrcnn", compilable=False, has_encoder=False)
 def build_maskrcnn(cfg: ModelConfig) -> MaskRCNNSegmenter:
     if cfg.encoder_weights.strip().lower() not in ("", "none"):
         raise ValueError(

@@ -173,7 +173,7 @@ def _check_args(depth, base_filters, filter_growth, kernel_size, dilation, strid
         raise ValueError("unet_vanilla: " + "; ".join(problems))
 
 
-@register("unet_vanilla")
+@register("unet_vanilla", has_encoder=False)
 def build_vanilla_unet(cfg: ModelConfig) -> VanillaUNet:
     return VanillaUNet(
         in_channels=cfg.in_channels,
