@@ -29,6 +29,70 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def job_working_dir_copy(cwd: Path | None = None) -> Path | None:
+    """Ray's copy of an uploaded working dir when this process runs in one, else None.
+
+    `ray job submit --working-dir .` runs the entrypoint in
+    `<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/`: a temporary copy that holds
+    only what was uploaded (files git does not ignore, at most 100 MiB), and a new folder whenever
+    the uploaded files change."""
+    cwd = (cwd or Path.cwd()).absolute()
+    return cwd if "working_dir_files" in cwd.parts[:-1] and "runtime_resources" in cwd.parts else None
+
+
+def absolute_local_paths(paths: dict[str, str], *, outputs: Sequence[str] = ()) -> dict[str, str]:
+    """{flag: path} with every relative local path made absolute here, where the command was typed.
+
+    URIs (s3://...) and empty values pass unchanged. Inside a Ray job's copy of its working dir
+    (`job_working_dir_copy`) a relative path is an error instead, naming the fix: an input there
+    exists only if it was uploaded (data folders ignored by git, such as demo-data/, are not), and
+    an output (`outputs`: a cache, a storage path) would be written into a temporary folder.
+    """
+    from ptxray.storage import is_uri
+
+    copy = job_working_dir_copy()
+    out = {}
+    for flag, path in paths.items():
+        if not path or is_uri(path) or Path(path).expanduser().is_absolute():
+            out[flag] = str(Path(path).expanduser()) if path and not is_uri(path) else path
+            continue
+        if copy is None:
+            out[flag] = str(Path(path).expanduser().absolute())
+            continue
+        fix = (
+            f"give an absolute path ({flag} $PWD/{path} in the `ray job submit` command: your shell expands $PWD, "
+            "and a cluster on this machine reads it) or an s3:// URI"
+        )
+        if flag in outputs:
+            raise ConfigError(
+                f"{flag} {path!r} is a relative path, and this Ray job runs in a temporary copy of the uploaded working "
+                f"dir ({copy}): what it writes there is lost with the copy, and a resubmitted job would not find it; {fix}"
+            )
+        if not (copy / path).exists():
+            raise ConfigError(
+                f"{flag} {path!r}: no such file or folder in this Ray job's copy of the uploaded working dir ({copy}). "
+                "`ray job submit --working-dir` uploads only files git does not ignore (at most 100 MiB), so data "
+                f"folders such as demo-data/ are not there; {fix}"
+            )
+        out[flag] = str(copy / path)
+    return out
+
+
+def _absolute_data_paths(cfg, images: str, labels: str, cache: str, *, storage: bool = True):
+    """(cfg, images, labels, cache) with every local path absolute (`absolute_local_paths`), and
+    recorded in the config (data.*; compute.storage_path when `storage`), so every trial's saved
+    config, and thresholds / evaluate run from anywhere later, find them."""
+    paths = {"--images": images, "--labels": labels, "--cache": cache}
+    if storage:
+        paths["compute.storage_path"] = cfg.compute.storage_path
+    p = absolute_local_paths(paths, outputs=("--cache", "compute.storage_path"))
+    images, labels, cache = p["--images"], p["--labels"], p["--cache"]
+    overrides = {f"data.{k}": v for k, v in (("images", images), ("labels", labels), ("cache", cache)) if v}
+    if storage:
+        overrides["compute.storage_path"] = p["compute.storage_path"]
+    return cfg.with_overrides(overrides), images, labels, cache
+
+
 def print_prepare_summary(summary: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -85,6 +149,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     missing = [n for n, v in (("--images", images), ("--labels", labels), ("--cache", cache)) if not v]
     if missing:
         raise ConfigError(f"prepare needs {', '.join(missing)} (or data.images/labels/cache in the config)")
+    cfg, images, labels, cache = _absolute_data_paths(cfg, images, labels, cache, storage=False)
     with ray_data.ray_session(args.address or cfg.compute.address):
         summary = ray_data.prepare(cfg, images=images, labels=labels, cache=cache, force=args.force)
     print_prepare_summary(summary)
@@ -103,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = args.cache or cfg.data.cache
     if not cache:
         raise ConfigError("train needs --cache (a prepared cache: <root>/<key> or a root holding one)")
+    cfg, _, _, cache = _absolute_data_paths(cfg, "", "", cache, storage=args.ray or not args.run_dir)
     if args.ray:
         from ptxray import ray_data, ray_train
 
@@ -130,7 +196,7 @@ def cmd_kfold(args: argparse.Namespace) -> int:
     if not cache:
         raise ConfigError("kfold needs --cache (or data.cache): where the decode-once cache lives or will be written")
     # Recorded in every trial's saved config, so thresholds / evaluate find the cache on their own.
-    cfg = cfg.with_overrides({f"data.{k}": v for k, v in (("images", images), ("labels", labels), ("cache", cache)) if v})
+    cfg, images, labels, cache = _absolute_data_paths(cfg, images, labels, cache)
     with ray_data.ray_session(args.address or cfg.compute.address):
         if images and labels:
             # Reuses a complete cache for these inputs without decoding anything.
@@ -245,6 +311,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     images, labels, cache = args.images or cfg.data.images, args.labels or cfg.data.labels, args.cache or cfg.data.cache
     if not cache:
         raise ConfigError("benchmark needs --cache (a prepared cache, or where to write one with --images and --labels)")
+    cfg, images, labels, cache = _absolute_data_paths(cfg, images, labels, cache)
+    args.out = absolute_local_paths({"--out": args.out}, outputs=["--out"])["--out"]
     if args.image_size:
         cfg = cfg.with_overrides({"preprocess.image_size_px": args.image_size})
     batch_size = (args.batch_size or str(cfg.train.batch_size)).strip().lower()
@@ -303,6 +371,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), n=args.n)
 
 
+def _export_line(cluster) -> str:
+    """`export RAY_ADDRESS=<dashboard URL> RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...` for a shell."""
+    import shlex
+
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cluster.env().items())
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from ptxray import ray_cluster
 
@@ -319,16 +394,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 dashboard_port=args.dashboard_port,
                 gcs_port=gcs_port,
             )
-            exports = " ".join(f"{k}={v}" for k, v in c.env().items())
             print(
                 f"Ray cluster up: {c.nodes} node(s), GCS {c.gcs_address}, token authentication on\n"
                 f"dashboard: {c.dashboard_url}  (it asks for the token in {c.token_path})\n"
                 f"logs:      {c.state_dir / 'logs'}\n\n"
-                f"submit a job:\n"
-                f"  export {exports}\n"
-                f"  ray job submit --working-dir . -- python jobs/kfold.py --config kfold\n\n"
+                f"submit a job (local paths absolute: the job runs in a copy of the working dir without git-ignored data):\n"
+                f"  {_export_line(c)}\n"
+                f"  ray job submit --working-dir . -- python jobs/kfold.py --config kfold \\\n"
+                f"      --images $PWD/DICOM_DIR --labels $PWD/train-rle.csv --cache $PWD/cache --set compute.storage_path=$PWD/runs\n\n"
                 f"stop it:   ptxray cluster down --state-dir {c.state_dir}"
             )
+            return 0
+        if args.action == "env":
+            print(_export_line(ray_cluster.load_cluster(args.state_dir)))
             return 0
         if args.action == "down":
             c = ray_cluster.load_cluster(args.state_dir)
@@ -496,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-cpus", type=int, default=1, help="CPUs each extra worker node offers")
     actions.add_parser("down", help="stop exactly the processes `up` started")
     actions.add_parser("status", help="print the recorded cluster and whether its dashboard answers")
+    actions.add_parser("env", help="print the client's environment as one export line: eval \"$(ptxray cluster env)\"")
     for a in actions.choices.values():
         a.add_argument("--state-dir", default=".ptxray/cluster", help="where the token and cluster.json live")
     p.set_defaults(func=cmd_cluster)

@@ -49,6 +49,11 @@ def test_cli_up_status_down_leaves_nothing_running(tmp_path, capsys):
         assert main(["cluster", "status", "--state-dir", str(state)]) == 0
         status_out = capsys.readouterr().out
         assert "answers, 1 nodes alive" in status_out
+        # The client's environment names the dashboard URL this cluster got (a free port here).
+        assert main(["cluster", "env", "--state-dir", str(state)]) == 0
+        env_line = capsys.readouterr().out.strip()
+        assert env_line.startswith("export ") and f"RAY_ADDRESS={cluster.dashboard_url}" in env_line
+        assert env_line in up_out and ":8265" not in cluster.dashboard_url
     finally:
         rc = main(["cluster", "down", "--state-dir", str(state)])
     assert rc == 0
@@ -140,6 +145,18 @@ def test_ray_job_submit_runs_on_both_nodes(local_cluster, tmp_path, capsys):
     line = f"PTXRAY={ptxray.__version__} ALIVE_NODES=2 TASK_NODES=2"
     assert line in logs
     assert line in streamed  # follow=True tails the job's logs to our stdout
+
+
+def test_job_with_relative_data_paths_fails_with_the_fix(local_cluster):
+    """The README's job before absolute paths: relative paths would resolve inside Ray's copy of the
+    working dir, which has no git-ignored data; the job says so instead of "no such folder"."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = "python jobs/kfold.py --config smoke --images demo-data/siim/dicom-images-train --labels demo-data/siim/train-rle.csv --cache demo-data/cache"
+    job_id, status = ray_cluster.submit_job(local_cluster, cmd, working_dir=repo)
+    logs = ray_cluster.job_logs(local_cluster, job_id)
+    assert status == "FAILED", logs[-2000:]
+    assert "--images 'demo-data/siim/dicom-images-train': no such file or folder in this Ray job's copy" in logs
+    assert "$PWD/demo-data/siim/dicom-images-train" in logs
 
 
 def test_submit_without_token_is_refused(local_cluster, tmp_path):
