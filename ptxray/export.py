@@ -1,10 +1,13 @@
 """Export a run's fold models for serving (ONNX, TorchScript), and predicted masks as DICOM SEG.
 
 Exported graph (one fold, or the ensemble of every fold of the run):
-- input `image`: uint8 (B, C, S, S), the channel stack `ptxray.preprocess.channels_from_config`
-  makes for the run's `preprocess` settings (S = `preprocess.image_size_px`; B is dynamic). The
-  graph divides by 255 itself, exactly what the engine does to uint8 batches, so a server feeds
-  the preprocessed bytes as they are (the TorchScript module also accepts float32 in 0..255).
+- input `image`: uint8 (B, C, S, S), what `ptxray.predict.preprocess_dicom` makes of a DICOM for
+  the run's `preprocess` settings (S = `preprocess.image_size_px`; B is dynamic): `read_dicom`
+  with a JPEG frame decoded at a reduced DCT scale (`min_size_px=S`), then the channel stack of
+  `ptxray.preprocess.channels_from_config`. The manifest names that function and records the
+  decode, since a full-size decode gives slightly different pixels. The graph divides by 255
+  itself, exactly what the engine does to uint8 batches, so a server feeds the preprocessed bytes
+  as they are (the TorchScript module also accepts float32 in 0..255).
 - outputs `mask_prob` float32 (B, 1, S, S) and `ptx_prob` float32 (B,): probabilities, the mean of
   the sigmoids over the folds (and over the horizontal flip with `tta_flip`), the same averaging
   prediction uses. Thresholds and the empty-mask decision stay with the caller.
@@ -112,14 +115,18 @@ def _first_dicom(root: str) -> str | None:
     return f"{root.split('://', 1)[0]}://{paths[0]}" if storage.is_uri(root) else paths[0]
 
 
+# The function that turns a DICOM into the exported graph's input, exactly as `ptxray predict` does;
+# the manifest names it (PREPROCESSING_FUNCTION) so a server can call it, or follow DECODE_TEXT.
+PREPROCESSING_FUNCTION = "ptxray.predict.preprocess_dicom"
+
+
 def _real_batch(check_dicom: str, cfg: Any) -> np.ndarray:
-    """uint8 (1, C, S, S): one real DICOM through the run's own preprocessing."""
-    from ptxray.dicom import read_dicom
-    from ptxray.preprocess import channels_from_config
+    """uint8 (1, C, S, S): one real DICOM through the run's own preprocessing (predict's)."""
+    from ptxray.predict import preprocess_dicom
 
     with storage.open_input_stream(check_dicom) as f:
-        scan = read_dicom(f.read(), check_dicom)
-    return channels_from_config(scan.image, cfg.preprocess)[None]
+        _, stack = preprocess_dicom(f.read(), check_dicom, cfg.preprocess)
+    return stack[None]
 
 
 def _max_abs_diff(got: list[np.ndarray], want: tuple[Tensor, Tensor]) -> float:
@@ -249,6 +256,9 @@ def export_run(
     arch = describe_architecture(cfg.model)
     channels, size_px = cfg.model.in_channels, cfg.preprocess.image_size_px
     module = FoldEnsemble(models, tta_flip=tta_flip)
+    # Progress: the export itself runs for a minute or more on larger models, with nothing else to show.
+    logger.info("export: loaded %d fold model(s) %s of %s (%s, %d px) in %.1f s",
+                len(models), folds, run.run_dir, arch, size_px, time.perf_counter() - start)  # fmt: skip
 
     rng = np.random.default_rng(seed)
     example = torch.from_numpy(rng.integers(0, 256, (2, channels, size_px, size_px), dtype=np.uint8))
@@ -272,10 +282,15 @@ def export_run(
         with torch.no_grad():
             want_random = module(torch.from_numpy(random_batch))
             want_real = module(torch.from_numpy(real_batch)) if real_batch is not None else None
+        how = f"torch.onnx dynamo exporter, opset {opset}" if fmt == "onnx" else "torch.jit.trace"
+        logger.info("export: writing the %s graph (%s); the slow step", fmt, how)
+        t_export = time.perf_counter()
         if fmt == "onnx":
             run_exported = _export_onnx(module, example, local, opset, arch)
         else:
             run_exported = _export_torchscript(module, example, local, arch)
+        logger.info("export: graph written in %.1f s; checking it against PyTorch (a random batch%s)",
+                    time.perf_counter() - t_export, ", a real DICOM" if real_batch is not None else "")  # fmt: skip
         diff_random = _max_abs_diff(run_exported(random_batch), want_random)
         diff_real = _max_abs_diff(run_exported(real_batch), want_real) if real_batch is not None else None
         worst = max(diff_random, diff_real or 0.0)
@@ -312,9 +327,23 @@ def _manifest(run, refs, cfg, *, fmt, file_name, tta_flip, opset, which, atol, d
             "name": INPUT_NAME,
             "shape": ["batch", channels, size, size],
             "dtype": "uint8",
-            "description": "the channel stack of ptxray.preprocess.channels_from_config(image, preprocessing)",
+            "description": f"{PREPROCESSING_FUNCTION}(dicom_bytes, path, PreprocessConfig(**preprocessing))[1], "
+            "one (C, S, S) channel stack per image, stacked along the batch axis",
         },
         "preprocessing": cfg.to_dict()["preprocess"],
+        "preprocessing_function": PREPROCESSING_FUNCTION,
+        "decode": {
+            "min_size_px": size,
+            "jpeg_baseline": (
+                "libjpeg-turbo (OpenCV imdecode) at a reduced DCT scale 1/k: the largest k of 8, 4, 2 with "
+                f"ceil(Rows / k) >= {size} and ceil(Columns / k) >= {size} (cv2.IMREAD_REDUCED_GRAYSCALE_k), "
+                "else the full size; a full-size decode followed by the resize gives pixels a few grey levels "
+                "apart, and probabilities up to ~0.02 apart"
+            ),
+            "other_transfer_syntaxes": "pydicom's pixel handlers, full size",
+            "then": "MONOCHROME1 inverted, rescale and VOI LUT / window applied (ptxray.dicom.read_dicom), "
+            "then ptxray.preprocess.channels_from_config: INTER_AREA resize to S x S and the channel stack",
+        },
         "normalisation": "inside the graph: float32(image) / 255 (no mean/std), as ptxray.engine does",
         "outputs": [
             {"name": OUTPUT_NAMES[0], "shape": ["batch", 1, size, size], "dtype": "float32",

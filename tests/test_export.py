@@ -150,6 +150,52 @@ def test_onnx_ensemble_with_flip_matches_pytorch(kfold_run, tmp_path):
     assert manifest["check"]["real_image"] == str(SOURCE)
 
 
+def test_following_the_manifest_gives_predicts_probabilities(kfold_run, tmp_path, caplog):
+    """A server that follows the manifest (its preprocessing function and settings, then the graph)
+    gets the probabilities `ptxray predict` gets, to 1e-4, on real SIIM DICOMs; export shows its
+    progress on the way."""
+    import importlib
+
+    import pyarrow as pa
+
+    from ptxray.config import PreprocessConfig
+    from ptxray.postprocess import default_thresholds
+    from ptxray.predict import Ensemble, Predictor, preprocess_dicom
+
+    out = tmp_path / "ensemble-flip.onnx"
+    with caplog.at_level(logging.INFO, logger="ptxray.export"):
+        export_run(str(kfold_run), str(out), fmt="onnx", tta_flip=True, check_dicom=str(SOURCE))
+    messages = [r.getMessage() for r in caplog.records if r.name == "ptxray.export"]
+    stages = ["export: loaded 2 fold model(s) [0, 1]", "export: writing the onnx graph", "export: graph written in", "exported onnx"]
+    at = [next(i for i, m in enumerate(messages) if m.startswith(stage)) for stage in stages]
+    assert at == sorted(at), messages
+
+    manifest = json.loads(Path(str(out) + ".json").read_text())
+    module_name, function_name = manifest["preprocessing_function"].rsplit(".", 1)
+    preprocess = getattr(importlib.import_module(module_name), function_name)
+    pre = PreprocessConfig(**manifest["preprocessing"])
+    sources = sorted(SAMPLES.glob("*.dcm"))[:4]
+    batch = np.stack([preprocess(p.read_bytes(), str(p), pre)[1] for p in sources])  # (4, 3, 64, 64)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    mask, ptx = session.run(None, {"image": batch})
+
+    thresholds = default_thresholds(64).to_dict()
+    table = pa.table({"bytes": [p.read_bytes() for p in sources], "path": [str(p) for p in sources]})
+    rows = Predictor(str(kfold_run), str(tmp_path / "pred"), thresholds, device="cpu", write_images=False)(table).to_pylist()
+    assert [r["error"] for r in rows] == [None] * 4
+    np.testing.assert_allclose(ptx, [r["pneumothorax_probability"] for r in rows], atol=1e-4, rtol=0)
+    predicted = np.stack([preprocess_dicom(p.read_bytes(), str(p), pre)[1] for p in sources])
+    want_mask, _ = Ensemble.from_run(open_run(str(kfold_run)), "cpu").predict(predicted)
+    np.testing.assert_allclose(mask[:, 0], want_mask, atol=1e-4, rtol=0)
+
+    # The manifest records the decode that happened: SIIM's 1024 px JPEG at 1/8 scale for 64 px.
+    assert manifest["decode"]["min_size_px"] == 64 and "1/k" in manifest["decode"]["jpeg_baseline"]
+    assert read_dicom(SOURCE.read_bytes(), str(SOURCE), min_size_px=64).image.shape == (128, 128)
+    # ... and it matters: a full-size decode (what the manifest used to imply) gives other pixels.
+    full = np.stack([channels_from_config(read_dicom(p.read_bytes(), str(p)).image, pre) for p in sources])
+    assert np.abs(full.astype(np.int16) - batch).max() > 2
+
+
 def test_torchscript_one_fold_matches_pytorch(kfold_run, tmp_path):
     out = tmp_path / default_export_name("torchscript", 1)
     result = export_run(str(kfold_run), str(out), fmt="torchscript", fold=1, check_dicom=str(SOURCE))
