@@ -647,7 +647,7 @@ def _fmt_rate(row: dict[str, Any], key: str) -> str:
 
 # (header, cell function): the terminal table and the Markdown table show the same cells.
 TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-    ("architecture", lambda r: r["name"]),
+    ("architecture", lambda r: r["name"] + (f" {CHEXNET_MARK} CheXNet" if is_chexnet(r) else "")),
     ("params (M)", lambda r: _fmt(_num(r.get("params_trainable")) / 1e6)),
     ("GFLOPs/img", lambda r: _fmt(r.get("gflops_per_image"))),
     ("max batch", _fmt_batch),
@@ -725,24 +725,55 @@ def _footer(fig: Any, report: dict[str, Any]) -> None:
     fig.text(0.01, 0.005, "\n".join(textwrap.wrap(_caption(report), 160)), fontsize=6, va="bottom", color="0.35")
 
 
-def plot_quality_vs_throughput(report: dict[str, Any], path: Path) -> None:
+def is_chexnet(row: dict[str, Any]) -> bool:
+    """Whether the row's encoder started from CheXNet weights (`--chexnet`)."""
+    return str(row.get("encoder_weights") or "").startswith("chexnet:")
+
+
+CHEXNET_MARK = "★"
+# One marker per architecture besides its colour, so points stay apart in print and for colour-blind
+# readers; CheXNet-initialised encoders always get the star.
+_MARKERS = "osD^vP<>Xhpd"
+
+
+def _point_style(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    color = colormaps["tab20" if i >= 10 else "tab10"](i % 20 if i >= 10 else i)
+    if is_chexnet(row):
+        return {"fmt": "*", "color": color, "markersize": 15, "markeredgecolor": "black", "markeredgewidth": 0.6}
+    return {"fmt": _MARKERS[i % len(_MARKERS)], "color": color, "markersize": 7}
+
+
+def _arch_label(row: dict[str, Any], short: bool = False) -> str:
+    if not is_chexnet(row):
+        return row["name"]
+    return f"{row['name']} {CHEXNET_MARK} CheXNet" + ("" if short else "-initialised encoder")
+
+
+def plot_quality_vs_throughput(report: dict[str, Any], path: Path):
+    """Quality against training throughput, one point per architecture; returns the Figure.
+
+    Points are named by a shared legend, not by labels beside them: architectures of similar
+    throughput and quality (every model still predicting "empty" after a short budget) sit on one
+    spot, where labels would cover each other."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok"]
-    fig = Figure(figsize=(12, 5.2))
+    fig = Figure(figsize=(15, 5.4))
     axes = fig.subplots(1, 2)
+    handles: dict[str, Any] = {}
     for ax, key, title in ((axes[0], "val_dice", "Dice (competition rule)"), (axes[1], "val_dice_pos", "Dice on positive images")):
-        for r in ok:
+        for i, r in enumerate(ok):
             x, y = _num(r["train_images_per_s"]), _num(r.get(key))
             if not (math.isfinite(x) and math.isfinite(y)):
                 continue
             err = [[x - _num(r["train_images_per_s_min"])], [_num(r["train_images_per_s_max"]) - x]]
-            ax.errorbar([x], [y], xerr=err, fmt="o", capsize=3)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            handles[_arch_label(r)] = ax.errorbar([x], [y], xerr=err, capsize=3, alpha=0.85, label=_arch_label(r), **_point_style(i, r))
         baseline = _num(ok[0].get("val_empty_dice")) if ok else math.nan
         if key == "val_dice" and math.isfinite(baseline):
-            ax.axhline(baseline, ls="--", color="0.5", label="all-empty baseline (same images)")
-            ax.legend(fontsize=8, loc="lower right")
+            line = ax.axhline(baseline, ls="--", color="0.5", label="all-empty baseline (same images)")
+            ax.legend(handles=[line], fontsize=8, loc="lower right")
         xs = [_num(r["train_images_per_s"]) for r in ok if math.isfinite(_num(r["train_images_per_s"]))]
         if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
@@ -751,16 +782,23 @@ def plot_quality_vs_throughput(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(title)
         ax.set_title(f"{title} after {report['settings_text']}")
         ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(0.785, 0.55), fontsize=8,
+                   title="architecture", title_fontsize=9, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.05, 0.775, 1))
     _footer(fig, report)
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_cost_bars(report: dict[str, Any], path: Path) -> None:
+def plot_cost_bars(report: dict[str, Any], path: Path):
+    """Throughput, memory and largest batch per architecture; returns the Figure. A largest batch
+    that stopped at the search's cap is drawn as a cap (hatched, "≥ N (cap)"): the model fits at
+    least that, and how much more is unknown."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok"]
-    names = [r["name"] for r in ok]
+    names = [r["name"] + (f" {CHEXNET_MARK}" if is_chexnet(r) else "") for r in ok]
     ypos = np.arange(len(ok))
     fig = Figure(figsize=(16, 0.45 * len(ok) + 2.2))
     axes = fig.subplots(1, 4, sharey=True)
@@ -776,20 +814,44 @@ def plot_cost_bars(report: dict[str, Any], path: Path) -> None:
             lo = values - np.array([_num(r[key + "_min"]) for r in ok])
             hi = np.array([_num(r[key + "_max"]) for r in ok]) - values
             ax.barh(ypos, values, xerr=[lo, hi], capsize=3, color="tab:blue")
+        elif key == "max_batch_size":
+            _batch_bars(ax, ok, ypos, values)
+            label += "\n(hatched, ≥ N: the search's cap)"
         else:
-            ax.barh(ypos, values, color="tab:orange" if "memory" in key else "tab:green")
+            ax.barh(ypos, values, color="tab:orange")
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ypos, names)
     axes[0].invert_yaxis()
     memory = "CUDA max allocated" if report["memory_kind_text"].startswith("CUDA") else "process RSS growth"
-    fig.suptitle(f"cost per architecture at {report['image_size_px']} px (peak memory: {memory}; see the report)")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    chexnet = f"; {CHEXNET_MARK} CheXNet-initialised encoder" if any(is_chexnet(r) for r in ok) else ""
+    fig.suptitle(f"cost per architecture at {report['image_size_px']} px (peak memory: {memory}; see the report){chexnet}")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96), w_pad=2.5)
     _footer(fig, report)
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
+_LIMIT_TEXT = {"out of memory": "OOM above", "memory budget": "memory budget"}
+
+
+def _batch_bars(ax: Any, rows: list[dict[str, Any]], ypos: np.ndarray, values: np.ndarray) -> None:
+    """The largest-batch panel: a bar that reached the search's cap is a lower bound (hatched, a
+    dashed line at the cap, "≥ N (cap)"); one that hit out-of-memory or the memory budget is the limit."""
+    capped = np.array([r.get("max_batch_limit") == "cap" for r in rows])
+    ax.barh(ypos[~capped], values[~capped], color="tab:green")
+    ax.barh(ypos[capped], values[capped], color="white", edgecolor="tab:green", hatch="//")
+    for cap in sorted({int(_num(r.get("max_batch_cap"))) for r, c in zip(rows, capped) if c and math.isfinite(_num(r.get("max_batch_cap")))}):
+        ax.axvline(cap, color="tab:red", ls="--", lw=1)
+    finite = values[np.isfinite(values)]
+    for y, v, r, c in zip(ypos, values, rows, capped):
+        if math.isfinite(v):
+            text = f" ≥ {int(v)} (cap)" if c else f" {int(v)} ({_LIMIT_TEXT.get(r.get('max_batch_limit'), r.get('max_batch_limit'))})"
+            ax.text(v, y, text, va="center", fontsize=8)
+    ax.set_xlim(0, (finite.max() if finite.size else 1) * 1.6)
+
+
+def plot_learning_curves(report: dict[str, Any], path: Path):
     from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     ok = [r for r in report["results"] if r.get("status") == "ok" and r.get("history")]
@@ -812,7 +874,7 @@ def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
         ax2.plot(x, [_num(e.get("val_empty_dice")) for e in h], "--", color="0.5", label="empty baseline")
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("validation")
-        ax.set_title(f"{r['name']} (batch {r['batch_size']})", fontsize=10)
+        ax.set_title(f"{_arch_label(r, short=True)} (batch {r['batch_size']})", fontsize=10)
         ax.grid(alpha=0.3)
         if not legend[0]:
             for a in (ax, ax2):
@@ -828,6 +890,7 @@ def plot_learning_curves(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 0.92))
     _footer(fig, report)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def _markdown_table(results: Sequence[dict[str, Any]]) -> str:
@@ -880,7 +943,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "products; maskrcnn's count depends on its detections and leaves out roi_align/NMS).",
         "- **max batch**: the largest training batch that fit (doubling, then bisection); `(cap)`: the search's "
         "cap was reached (on CPU the cap or half the available memory bounds it; there is no OOM exception), "
-        "`(OOM)`: a larger one ran out of memory, `(budget)`: a larger one exceeded the memory budget.",
+        "`(OOM)`: a larger one ran out of memory, `(budget)`: a larger one exceeded the memory budget. In the plot a "
+        "capped bar is hatched and labelled ≥ N: the true limit is higher.",
+        f"- **{CHEXNET_MARK} CheXNet**: the DenseNet-121 encoder started from the CheXNet checkpoint (`--chexnet`), "
+        "drawn as a star in the quality plot; every other encoder starts from random weights.",
         "- **train / infer img/s**: a training step (forward, loss, backward, optimizer step) and an eval forward "
         "on a batch resident on the device: data loading and augmentation excluded. Median over repeats (min–max).",
         f"- **peak mem**: {report['memory_kind_text']}.",

@@ -244,3 +244,92 @@ def test_cuda_benchmark_uses_bf16_channels_last_and_cuda_memory(cache64):
     for r in rows:
         assert r["status"] == "ok", r.get("error")
         assert r["device"] == "cuda" and r["peak_memory_kind"] == "cuda_max_allocated" and r["peak_memory_bytes"] > 0
+
+
+# ---- the plots -------------------------------------------------------------------------------
+RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "architectures" / "benchmark.json"
+
+
+def _drawn(fig):
+    """The figure drawn on an Agg canvas (what savefig rendered), and its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _text_boxes(fig) -> list[tuple[str, object]]:
+    """Every text the figure draws, with its box in pixels (tick labels outside an axis's view
+    limits exist as objects but are not drawn, so they are left out)."""
+    from matplotlib.text import Text
+
+    renderer = _drawn(fig)
+    off_view = set()
+    for ax in fig.axes:
+        for axis, labels, limits, i in ((ax.xaxis, ax.get_xticklabels(), ax.get_xlim(), 0), (ax.yaxis, ax.get_yticklabels(), ax.get_ylim(), 1)):
+            lo, hi = sorted(limits)
+            off_view |= {id(t) for t in labels if not (axis.get_visible() and lo <= t.get_position()[i] <= hi)}
+    out, seen = [], set()
+    for t in fig.findobj(Text):
+        if id(t) in seen or id(t) in off_view:
+            continue
+        seen.add(id(t))
+        if t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible()):
+            out.append((t.get_text(), t.get_window_extent(renderer)))
+    return out
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn texts that overlap, and texts cut off by the figure's edge."""
+    boxes = _text_boxes(fig)
+    page = fig.bbox
+    cut = [(a, "figure edge") for a, b in boxes if b.x0 < page.x0 or b.x1 > page.x1 or b.y0 < page.y0 or b.y1 > page.y1]
+    return cut + [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb) and ba.width and bb.width]
+
+
+def test_plots_of_a_recorded_run_have_no_overlapping_labels_a_chexnet_marker_and_the_cap(tmp_path):
+    """The recorded CPU run (benchmarks/results/architectures: five architectures on one spot at the
+    empty baseline) with its DenseNet-121 marked as CheXNet-initialised: every label stays apart, the
+    CheXNet point is a star named in the legend, and batches stopped at the cap read as a cap."""
+    from matplotlib.legend import Legend
+
+    report = json.loads(RECORDED.read_text())
+    densenet = next(r for r in report["results"] if r["name"] == "unet_densenet121")
+    densenet["encoder_weights"] = "chexnet:/models/chexnet/model.pth.tar"
+    fig = benchmark.plot_quality_vs_throughput(report, tmp_path / "quality_vs_throughput.png")
+    assert _overlaps(fig) == []
+    (legend,) = [a for a in fig.findobj(Legend) if a.get_title().get_text() == "architecture"]
+    # The panel's own legend names the baseline only (the architectures are in the shared one).
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["all-empty baseline (same images)"]
+    names = [t.get_text() for t in legend.get_texts()]
+    assert names[1] == "unet_densenet121 ★ CheXNet-initialised encoder"
+    assert {n.split(" ")[0] for n in names} == {r["name"] for r in report["results"] if r["status"] == "ok"}
+    for ax in fig.axes:  # the CheXNet encoder's point is a star, and no other point is
+        markers = {c.get_label(): c.lines[0].get_marker() for c in ax.containers}
+        assert [n for n, m in markers.items() if m == "*"] == ["unet_densenet121 ★ CheXNet-initialised encoder"]
+    # The legend sits beside the plots, not over them.
+    renderer = _drawn(fig)
+    assert not any(legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+    fig = benchmark.plot_cost_bars(report, tmp_path / "throughput_memory.png")
+    assert _overlaps(fig) == []
+    batch_ax = fig.axes[3]
+    labels = [t.get_text() for t in batch_ax.texts]
+    assert labels == [" ≥ 8 (cap)"] * 9  # every architecture fitted the cap of 8 on this CPU run
+    assert [line.get_xdata()[0] for line in batch_ax.get_lines()] == [8]  # the cap, drawn once
+    assert all(p.get_hatch() == "//" for p in batch_ax.patches)
+    assert "unet_densenet121 ★" in [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    # A limit found by running out of memory is a plain bar with its number.
+    report["results"][0].update(max_batch_limit="out of memory", max_batch_size=6)
+    fig = benchmark.plot_cost_bars(report, tmp_path / "throughput_memory_oom.png")
+    assert [t.get_text() for t in fig.axes[3].texts][0] == " 6 (OOM above)"
+    assert [p.get_hatch() for p in fig.axes[3].patches].count("//") == 8
+
+    fig = benchmark.plot_learning_curves(report, tmp_path / "learning_curves.png")
+    assert _overlaps(fig) == []
+    assert "unet_densenet121 ★ CheXNet (batch 4)" in [ax.get_title() for ax in fig.axes]
+    for png in ("quality_vs_throughput.png", "throughput_memory.png", "learning_curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The Markdown table names the CheXNet encoder too.
+    assert benchmark.table_rows(report["results"])[1][0] == "unet_densenet121 ★ CheXNet"

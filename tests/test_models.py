@@ -6,6 +6,7 @@ CPU only, 64x64 inputs (pan needs 128), batch 2, each model built once per test.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
@@ -279,9 +280,14 @@ CHECKED = [  # (smp encoder key, CheXNet key)
 ]
 
 
-def test_chexnet_weights_land_in_the_densenet121_encoder(chexnet_checkpoint):
+def test_chexnet_weights_land_in_the_densenet121_encoder(chexnet_checkpoint, caplog):
     path, state = chexnet_checkpoint
-    model = build_model(cfg(arch="unet", encoder="densenet121", encoder_weights=f"chexnet:{path}"))
+    with caplog.at_level(logging.INFO, logger="ptxray"):
+        model = build_model(cfg(arch="unet", encoder="densenet121", encoder_weights=f"chexnet:{path}"))
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CheXNet weights loaded")]
+    n_tensors = sum(1 for k in state if k.startswith("module.densenet121.features."))
+    assert loaded == [f"CheXNet weights loaded into the densenet121 encoder of unet: {n_tensors} tensors from {path} "
+                      "(first conv adapted to 3 channel(s))"]  # fmt: skip
     encoder_state = model.encoder.state_dict()
     for ours, theirs in CHECKED:
         assert torch.equal(encoder_state[ours], state["module.densenet121." + theirs]), ours

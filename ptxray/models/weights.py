@@ -27,12 +27,15 @@ other missing or unexpected key, or a shape that does not fit, is a ValueError t
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 import torch
 from torch import nn
 
 from ptxray.config import ModelConfig
+
+log = logging.getLogger("ptxray")
 
 CHEXNET_PREFIX = "chexnet:"
 # Keys of ImageNet classifier heads (torchvision, pretrainedmodels, timm: efficientnet's head is
@@ -172,6 +175,9 @@ def load_encoder_weights(model: nn.Module, cfg: ModelConfig) -> None:
             )
         state_dict = chexnet_to_densenet_encoder(read_state_dict(uri))
         load_into_encoder(encoder, state_dict, cfg.in_channels, source=f"CheXNet checkpoint {uri}")
+        # One line per model built: a run (or a benchmark row) that says CheXNet must show that it loaded.
+        log.info("CheXNet weights loaded into the %s encoder of %s: %d tensors from %s (first conv adapted to %d channel(s))",
+                 cfg.encoder, cfg.arch, len(state_dict), uri, cfg.in_channels)  # fmt: skip
         return
     state_dict = _normalize_generic(read_state_dict(spec), encoder.state_dict())
     load_into_encoder(encoder, state_dict, cfg.in_channels, source=f"encoder weights {spec}")
