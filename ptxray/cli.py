@@ -174,13 +174,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         with ray_data.ray_session(args.address or cfg.compute.address):
             result = ray_train.run_fold(cfg, cache, run_name=args.run_name or f"train-fold{cfg.train.fold}")
-        print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}")
+        print(train_outcome(cfg, *ray_train.fold_outcome(result, cfg.compute.storage_path)))
         return 0
-    run_dir = Path(args.run_dir or Path(cfg.compute.storage_path) / f"train-fold{cfg.train.fold}")
+    run_dir = Path(absolute_local_paths({"--run-dir": args.run_dir}, outputs=["--run-dir"])["--run-dir"]
+                   or Path(cfg.compute.storage_path) / f"train-fold{cfg.train.fold}")
     result = train_fold(cfg, cache, run_dir, resume=not args.no_resume, device=args.device, progress=sys.stderr.isatty())
-    best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
-    print(f"run folder: {run_dir}\nbest epoch: {best}\ncheckpoint: {result.checkpoint}")
+    print(train_outcome(cfg, str(run_dir), result.best, result.checkpoint))
     return 0
+
+
+def train_outcome(cfg, run_dir: str, best: dict[str, Any], checkpoint: str | None) -> str:
+    """What `ptxray train` prints at the end, in-process or on Ray Train: the run folder, the best
+    epoch counted as the log counts it ("epoch 3/6"; metrics.jsonl holds its 0-based index, 2) with
+    its validation metrics, and the checkpoint to predict with (best.pt)."""
+    lines = [f"run folder: {run_dir}"]
+    if best:
+        keys = dict.fromkeys([cfg.train.monitor, "val_dice", "val_dice_cls", "val_dice_pos", "val_auc", "val_empty_dice"])
+        shown = ", ".join(f"{k} {best[k]:.4f}" for k in keys if isinstance(best.get(k), (int, float)))
+        lines.append(f"best epoch: {int(best['epoch']) + 1}/{cfg.train.epochs} (by {cfg.train.monitor}): {shown}")
+    else:
+        lines.append(f"best epoch: none ({cfg.train.monitor} was never finite)")
+    lines.append(f"checkpoint: {checkpoint}")
+    return "\n".join(lines)
 
 
 def cmd_kfold(args: argparse.Namespace) -> int:

@@ -43,7 +43,8 @@ What a run does:
 - Checkpoints: rank 0 runs `fit` with a local temporary run folder; after each epoch its
   `checkpoints/last.pt` (full state), `checkpoints/best.pt` (best weights so far) and
   `config.yaml` / `metrics.jsonl` are reported as the directory checkpoint
-  `checkpoint_epoch_<NNNN>` (NNNN = the 0-based epoch). `CheckpointConfig(num_to_keep=2)`: Ray
+  `checkpoint_epoch_<NNNN>`, NNNN the epoch as the log counts it ("epoch 3/6" -> 0003; the
+  `epoch` field of the metrics is the 0-based index, 2). `CheckpointConfig(num_to_keep=2)`: Ray
   keeps the two most recent; the best weights survive inside each as best.pt.
 - Failures: `FailureConfig(max_failures=compute.max_failures)`. When a worker dies, Ray restarts the
   whole worker group and `ray.train.get_checkpoint()` returns the latest reported checkpoint; every
@@ -205,6 +206,33 @@ def make_trainer(
 def run_fold(cfg: Config, cache_uri: str, *, run_name: str, storage_path: str | None = None) -> "ray.train.Result":
     """Train one fold on Ray Train and return its Result (`result.checkpoint` holds last.pt/best.pt)."""
     return make_trainer(cfg, cache_uri, run_name=run_name, storage_path=storage_path).fit()
+
+
+def uri_of_ray_path(path: str, storage_path: str) -> str:
+    """A path Ray reports for storage under `storage_path` as ptxray's URI: on S3 Ray gives
+    `bucket/key` (its filesystem is ours), which becomes `s3://bucket/key`."""
+    scheme = storage_path.split("://", 1)[0].lower() if is_uri(storage_path) else ""
+    if scheme in ("s3", "s3a") and not is_uri(str(path)):
+        return "s3://" + str(path).lstrip("/")
+    return str(path)
+
+
+def fold_outcome(result: "ray.train.Result", storage_path: str) -> tuple[str, dict[str, Any], str | None]:
+    """(run folder, the best epoch's metrics, its best.pt) of a finished `run_fold` Result: what
+    in-process `ptxray train` reports. The last reported checkpoint holds the best weights so far as
+    best.pt with their epoch's metrics; without one (no finite monitored value) it is ({}, last.pt)."""
+    from ptxray.checkpoint import CheckpointError, load_checkpoint
+    from ptxray.storage import join
+
+    run_dir = uri_of_ray_path(result.path, storage_path)
+    if result.checkpoint is None:
+        return run_dir, {}, None
+    folder = uri_of_ray_path(result.checkpoint.path, storage_path)
+    best = join(folder, "checkpoints", "best.pt")
+    try:
+        return run_dir, dict(load_checkpoint(best).get("metrics") or {}), best
+    except CheckpointError:
+        return run_dir, {}, join(folder, "checkpoints", "last.pt")
 
 
 # ---- the worker loop -------------------------------------------------------------------------
@@ -567,7 +595,7 @@ def train_loop_per_worker(config: dict) -> None:
                     ray.train.report(
                         report,
                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                        checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                        checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",  # as the log counts
                     )
             else:
                 ray.train.report(report)
@@ -594,6 +622,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 __all__ = [
-    "CHECKPOINTS_TO_KEEP", "DebugHooks", "NullModel", "Prefetch", "ShardStreams", "hold_shard", "make_trainer", "prefetch_depth", "report_metrics",
-    "restore_checkpoint", "run_fold", "stage_checkpoint", "storage_for_ray", "train_loop_per_worker", "worker_resources",
+    "CHECKPOINTS_TO_KEEP", "DebugHooks", "NullModel", "Prefetch", "ShardStreams", "fold_outcome", "hold_shard",
+    "make_trainer", "prefetch_depth", "report_metrics", "restore_checkpoint", "run_fold", "stage_checkpoint",
+    "storage_for_ray", "train_loop_per_worker", "uri_of_ray_path", "worker_resources",
 ]  # fmt: skip

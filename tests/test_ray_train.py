@@ -95,9 +95,10 @@ def test_two_workers_report_identical_metrics_and_checkpoint_to_s3(cache_64px, m
     # Storage on the S3 endpoint: Ray wrote the checkpoints and its run snapshot there.
     listing = moto_s3.client().list_objects_v2(Bucket="ptxray-train", Prefix="runs/ddp2/")
     keys = {o["Key"] for o in listing.get("Contents", [])}
-    for epoch in (0, 1):
+    # Folders named as the log counts epochs ("epoch 1/2", "epoch 2/2").
+    for epoch in (1, 2):
         assert f"runs/ddp2/checkpoint_epoch_{epoch:04d}/checkpoints/last.pt" in keys
-    assert "runs/ddp2/checkpoint_epoch_0001/checkpoints/best.pt" in keys
+    assert "runs/ddp2/checkpoint_epoch_0002/checkpoints/best.pt" in keys
     assert "runs/ddp2/checkpoint_manager_snapshot.json" in keys
     assert result.checkpoint.filesystem.type_name == "s3"
     local = Path(result.checkpoint.to_directory(str(tmp_path / "restored")))
@@ -106,6 +107,19 @@ def test_two_workers_report_identical_metrics_and_checkpoint_to_s3(cache_64px, m
     assert state["config"]["train"]["fold"] == 0
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped from DDP
     assert any(torch.is_tensor(v) for v in state["model"].values())
+
+    # What `ptxray train --ray` prints: the best epoch (as the log counts it) and best.pt, as in-process.
+    from ptxray import ray_train
+    from ptxray.cli import train_outcome
+
+    run_dir, best, best_pt = ray_train.fold_outcome(result, "s3://ptxray-train/runs")
+    assert run_dir == "s3://ptxray-train/runs/ddp2"
+    assert best_pt == "s3://ptxray-train/runs/ddp2/checkpoint_epoch_0002/checkpoints/best.pt"
+    monitored = [h[cfg.train.monitor] for h in state["history"]]
+    assert best["epoch"] == monitored.index(max(monitored)) and best == load_checkpoint(best_pt)["metrics"]
+    text = train_outcome(cfg, run_dir, best, best_pt)
+    assert f"best epoch: {best['epoch'] + 1}/2 (by val_dice): val_dice {best['val_dice']:.4f}" in text
+    assert text.endswith(f"checkpoint: {best_pt}") and "Checkpoint(" not in text
 
 
 def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
@@ -121,7 +135,7 @@ def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
         deadline = time.time() + 400
         while time.time() < deadline:
             held = sorted(debug.glob("held-rank1-pid*")) if debug.exists() else []
-            registered = snapshot.exists() and "checkpoint_epoch_0000" in snapshot.read_text()
+            registered = snapshot.exists() and "checkpoint_epoch_0001" in snapshot.read_text()
             if held and registered:
                 pid = int(held[0].name.rsplit("pid", 1)[1])
                 killed.append(pid)
@@ -151,7 +165,7 @@ def test_killed_worker_resumes_from_last_checkpoint(cache_64px, tmp_path):
     # The resumed history continues the checkpoint's: epoch 0's numbers are the first group's.
     assert state["history"][0]["train_loss"] == ranks[0][0]["metrics"]["train_loss"]
     kept = sorted(p.name for p in (storage / "killed").glob("checkpoint_epoch_*"))
-    assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # CheckpointConfig(num_to_keep=2)
+    assert kept == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]  # CheckpointConfig(num_to_keep=2)
     # Epoch 0's checkpoint is gone, but its best weights travel with every later checkpoint.
     for name in kept:
         ref = FoldModelRef(0, str(storage / "killed" / name))

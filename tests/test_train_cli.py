@@ -40,7 +40,11 @@ def test_train_one_fold_writes_a_run_folder_and_resumes(smoke_cache, tmp_path, c
         assert 0.0 <= m["val_empty_dice"] <= 1.0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epochs_completed"] == 2 and any(torch.is_tensor(v) for v in state["model"].values())
-    assert "run folder" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    # The best epoch as the log counts it ("epoch 2/2"), not the 0-based index of metrics.jsonl.
+    assert f"run folder: {run}\nbest epoch: {best['epoch'] + 1}/2 (by val_dice): val_dice {best['metrics']['val_dice']:.4f}" in out
+    assert f"checkpoint: {run / 'checkpoints' / 'best.pt'}" in out
 
     # Same run folder, more epochs: continues at epoch 2 instead of starting over.
     assert main(args[:-6] + ["--set", "train.epochs=3", "--set", "optim.lr=1e-3", "--set", "augment.recipe=kaggle"]) == 0
