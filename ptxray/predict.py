@@ -325,7 +325,7 @@ def run_thresholds(run: Run, rule: str = "chosen", thresholds: Thresholds | None
         if doc is not None:
             thresholds = thresholds_from_doc(doc, uri, rule)
             searched_on = doc.get("oof", {}).get("checkpoints")
-            if searched_on is not None and searched_on != {str(r.fold): r.best for r in run.folds}:
+            if searched_on is not None and searched_on != run.checkpoint_record():
                 log.warning("%s was searched on other fold checkpoints than the run's; rerun `ptxray thresholds --run %s`", uri, run.run_dir)
     if thresholds is None:
         thresholds = default_thresholds(size)
@@ -565,10 +565,10 @@ def load_or_compute_oof(
         except FileNotFoundError:
             stats = None
         if stats is not None:
-            if stats.meta.get("checkpoints") == {str(r.fold): r.best for r in run.folds} and stats.meta.get("tta") == tta:
+            if stats.meta.get("checkpoints") == run.checkpoint_record() and stats.meta.get("tta") == tta:
                 return stats, False
             log.info("%s was computed from other checkpoints or TTA; recomputing", uri)
-    stats = compute_oof(run, resolve_cache(run, cache), device=device, tta=tta)
+    stats = compute(run, resolve_cache(run, cache), device=device, tta=tta)
     stats.save(uri)
     return stats, True
 

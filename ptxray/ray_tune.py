@@ -114,8 +114,17 @@ def trial_config(base: Config, trial_params: dict[str, Any]) -> Config:
     return base.with_overrides(overrides)
 
 
+TRAIN_RUNS_DIR = "train-runs"
+
+
 def _train_storage(cfg: Config) -> str:
-    return cfg.compute.storage_path.rstrip("/") + f"/{cfg.search.name}.train"
+    """Where the TorchTrainer of each trial keeps its checkpoints: inside the experiment folder, so
+    that the folder holds every checkpoint its summary names and can be copied or moved as one. An
+    experiment started before that keeps its `<name>.train` folder beside it, so it still resumes."""
+    from ptxray import storage
+
+    legacy = cfg.compute.storage_path.rstrip("/") + f"/{cfg.search.name}.train"
+    return legacy if storage.exists(legacy) else experiment_path(cfg) + "/" + TRAIN_RUNS_DIR
 
 
 def _trainable(trial_params: dict[str, Any], base: dict[str, Any], cache_uri: str, debug: str | None = None) -> None:
@@ -282,7 +291,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) the experiment named `search.name`; returns the summary (also saved and printed).
     `debug_hooks`: a test hook, see `_debug_hooks`."""
-    from ptxray.ray_train import storage_for_ray
+    from ptxray.ray_train import storage_for_ray, uri_of_ray_path
+    from ptxray.storage import relative_to_run
 
     storage_path, fs = storage_for_ray(cfg.compute.storage_path)
     path = experiment_path(cfg)
@@ -334,8 +344,9 @@ def run_experiment(
         # TorchTrainer trials pass their Ray Train checkpoint's path as a metric; trials that
         # train themselves report their checkpoints to Tune.
         ckpt = (r.metrics or {}).get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
-        if ckpt and fs is not None and not str(ckpt).startswith("s3://"):
-            ckpt = "s3://" + str(ckpt).lstrip("/")
+        if ckpt:
+            # Relative to the experiment folder: a copied or moved run reads its own checkpoints.
+            ckpt = relative_to_run(uri_of_ray_path(ckpt, cfg.compute.storage_path), path)
         records.append(
             TrialRecord(
                 trial_id=str((r.metrics or {}).get("trial_id", r.path.rstrip("/").split("/")[-1])),

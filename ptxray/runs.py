@@ -5,7 +5,9 @@ Two kinds of run directory (local folder or s3:// prefix):
 - a K-fold experiment (`jobs/kfold.py`, `ptxray kfold`): `<compute.storage_path>/<search.name>`
   holding `summary.json`; its best configuration names one Train checkpoint folder per fold
   (`.../checkpoint_epoch_NNNN/` with `checkpoints/best.pt`, `checkpoints/last.pt`,
-  `config.yaml`, `metrics.jsonl`);
+  `config.yaml`, `metrics.jsonl`), by its path relative to the run folder, so a copied or moved
+  run (locally or on S3) reads its own copy (`storage.relative_to_run` / `resolve_in_run`; summaries
+  written before that hold absolute paths, which still work where they point);
 - a single-fold run (`ptxray train`): the folder itself holds `checkpoints/best.pt`,
   `config.yaml` and `metrics.jsonl`.
 
@@ -33,13 +35,6 @@ class RunError(ValueError):
     """A run directory that is missing, incomplete or not a ptxray run; the message names it."""
 
 
-def _exists(path_or_uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem_and_path(path_or_uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def _read_text(path_or_uri: str) -> str:
     with storage.open_input_stream(path_or_uri) as f:
         return f.read().decode()
@@ -64,7 +59,7 @@ class FoldModelRef:
 
     def history(self) -> list[dict[str, Any]]:
         """The fold's per-epoch metrics (metrics.jsonl); empty when the file is missing."""
-        if not _exists(self.metrics_path):
+        if not storage.exists(self.metrics_path):
             return []
         history = []
         for line_no, line in enumerate(_read_text(self.metrics_path).splitlines(), start=1):
@@ -89,6 +84,11 @@ class Run:
     def fold_ids(self) -> list[int]:
         return [f.fold for f in self.folds]
 
+    def checkpoint_record(self) -> dict[str, str]:
+        """{fold: best.pt relative to the run folder}: which models a stored result (out-of-fold
+        predictions, thresholds) came from, unchanged when the run folder is copied or moved."""
+        return {str(r.fold): storage.relative_to_run(r.best, self.run_dir) for r in self.folds}
+
 
 def _config_from_checkpoint(ref: FoldModelRef) -> Config:
     state = load_checkpoint(ref.best)
@@ -101,7 +101,7 @@ def open_run(run_dir: str) -> Run:
     """Resolve a run directory into its configuration and fold checkpoints (best configuration)."""
     run_dir = str(run_dir).rstrip("/")
     summary_path = storage.join(run_dir, "summary.json")
-    if _exists(summary_path):
+    if storage.exists(summary_path):
         try:
             summary = storage.read_json_object(summary_path)
         except ValueError as e:
@@ -110,17 +110,18 @@ def open_run(run_dir: str) -> Run:
         if not isinstance(best, dict) or not best.get("fold_checkpoints"):
             raise RunError(f"{summary_path}: no best configuration with fold checkpoints (did every trial fail?)")
         try:
-            refs = tuple(
-                sorted((FoldModelRef(int(f), str(p)) for f, p in best["fold_checkpoints"].items()), key=lambda r: r.fold)
-            )
+            refs = tuple(sorted(
+                (FoldModelRef(int(f), storage.resolve_in_run(str(p), run_dir)) for f, p in best["fold_checkpoints"].items()),
+                key=lambda r: r.fold,
+            ))  # fmt: skip
         except (AttributeError, TypeError, ValueError):
             raise RunError(f"{summary_path}: best.fold_checkpoints must map fold numbers to checkpoint folders") from None
-        missing = [r.best for r in refs if not _exists(r.best)]
+        missing = [r.best for r in refs if not storage.exists(r.best)]
         if missing:
             raise RunError(f"{run_dir}: fold checkpoints missing: {', '.join(missing)}")
         return Run(run_dir, "kfold", _config_from_checkpoint(refs[0]), refs, summary=summary, params=best.get("params", {}))
     single = FoldModelRef(-1, run_dir)
-    if _exists(single.best):
+    if storage.exists(single.best):
         cfg = _config_from_checkpoint(single)
         return Run(run_dir, "train", cfg, (FoldModelRef(cfg.train.fold, run_dir),))
     raise RunError(
@@ -185,4 +186,7 @@ class FoldEnsemble(nn.Module):
         return mask_sum / n, cls_sum / n
 
 
-__all__ = ["FoldEnsemble", "FoldModelRef", "Run", "RunError", "build_inference_model", "load_fold_model", "load_fold_models", "open_run"]
+__all__ = [
+    "FoldEnsemble", "FoldModelRef", "Run", "RunError", "build_inference_model", "load_fold_model", "load_fold_models",
+    "open_run",
+]  # fmt: skip

@@ -208,6 +208,39 @@ def read_json_object(path_or_uri: str) -> dict:
     return doc
 
 
+def exists(path_or_uri: str) -> bool:
+    """Whether a file, folder or S3 prefix is there."""
+    import pyarrow.fs as pafs
+
+    filesystem, path = filesystem_and_path(path_or_uri)
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _is_absolute(path_or_uri: str) -> bool:
+    return is_uri(path_or_uri) or Path(path_or_uri).expanduser().is_absolute()
+
+
+def _normal(path_or_uri: str) -> str:
+    text = str(path_or_uri).rstrip("/")
+    return text if is_uri(text) else str(Path(text).expanduser().absolute())
+
+
+def relative_to_run(path_or_uri: str, run_dir: str) -> str:
+    """`path_or_uri` relative to the run folder when it lies inside it (what summary.json and the
+    out-of-fold store record), else unchanged."""
+    path, root = _normal(path_or_uri), _normal(run_dir)
+    if path == root:
+        return "."
+    return path[len(root) + 1 :] if path.startswith(root + "/") else str(path_or_uri)
+
+
+def resolve_in_run(path_or_uri: str, run_dir: str) -> str:
+    """The inverse of `relative_to_run`: a relative path is inside the run folder, wherever it is now."""
+    if _is_absolute(str(path_or_uri)):
+        return str(path_or_uri)
+    return str(run_dir).rstrip("/") if str(path_or_uri) in ("", ".") else join(run_dir, str(path_or_uri))
+
+
 def write_atomic(path_or_uri: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a whole file so that readers see the old content or the new, never a part.
 
@@ -259,7 +292,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 __all__ = [
-    "S3_CONNECT_TIMEOUT_S", "S3_MAX_ATTEMPTS", "S3_REQUEST_TIMEOUT_S", "StorageError", "check_bucket", "filesystem_and_path",
-    "is_uri", "open_input_stream", "read_json_object", "s3_errors", "s3_filesystem_from_env", "storage_error",
-    "write_atomic", "write_bytes_atomic",
+    "S3_CONNECT_TIMEOUT_S", "S3_MAX_ATTEMPTS", "S3_REQUEST_TIMEOUT_S", "StorageError", "check_bucket", "exists",
+    "filesystem_and_path", "is_uri", "open_input_stream", "read_json_object", "relative_to_run", "resolve_in_run", "s3_errors",
+    "s3_filesystem_from_env", "storage_error", "write_atomic", "write_bytes_atomic",
 ]  # fmt: skip

@@ -144,7 +144,7 @@ def print_summary(summary: dict[str, Any], console=None) -> None:
     if best:
         console.print(f"best configuration: {best['params'] or '(base config)'}")
         for fold, path in sorted(best["fold_checkpoints"].items()):
-            console.print(f"  fold {fold} checkpoint: {path}")
+            console.print(f"  fold {fold} checkpoint: {storage.resolve_in_run(path, summary.get('experiment', '.'))}")
 
 
 def write_summary(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:

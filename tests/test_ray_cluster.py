@@ -238,7 +238,7 @@ def test_kfold_job_driver_killed_then_resubmitted_resumes_without_rerunning(loca
     fold0_dir = next(exp.glob("_trainable_*_fold=0_*"))
     fold0_result = (fold0_dir / "result.json").read_bytes()
     fold0_trial = "_".join(fold0_dir.name.split("_")[2:4])  # _trainable_<exp>_<n>_<i>_fold=0_<time>
-    fold0_train = sorted(p.name for p in (runs / "resume.train" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*"))
+    fold0_train = sorted(p.name for p in (exp / "train-runs" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*"))
     assert len(fold0_result.splitlines()) == 3 and len(fold0_train) == 2  # 3 epochs; Train keeps the last 2
 
     driver_pid = int(ray_cluster.job_info(local_cluster, job1)["driver_info"]["pid"])
@@ -255,7 +255,7 @@ def test_kfold_job_driver_killed_then_resubmitted_resumes_without_rerunning(loca
 
     # fold 0: finished before the kill, not re-run
     assert (fold0_dir / "result.json").read_bytes() == fold0_result
-    assert sorted(p.name for p in (runs / "resume.train" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*")) == fold0_train
+    assert sorted(p.name for p in (exp / "train-runs" / f"trial-{fold0_trial}").glob("checkpoint_epoch_*")) == fold0_train
     # fold 1: the resumed attempt started from the checkpoint and trained epochs 1 and 2 only
     trial_debug = next(d for d in debug.iterdir() if d.is_dir())
     starts = [json.loads(p.read_text()) for p in sorted(trial_debug.glob("start-rank0-*.json"), key=lambda p: json.loads(p.read_text())["time"])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -64,14 +65,17 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
     assert good["epochs_min"] == good["epochs_max"] == 3
     assert bad["epochs_max"] == 2, "ASHA stopped the bad configuration at the rung (epoch 2)"
     assert summary["best"]["params"] == {"optim.lr": 3e-3}
+    exp = tmp_path / "runs" / "asha-test"
     for fold, ckpt in summary["best"]["fold_checkpoints"].items():
-        state = load_checkpoint(Path(ckpt) / "checkpoints" / "last.pt")
+        # Relative to the experiment folder, which holds them all: a TorchTrainer's checkpoints in
+        # Ray Train's storage under train-runs/, a trial that trains itself in its Tune trial folder.
+        assert not Path(ckpt).is_absolute() and ckpt.startswith("train-runs/" if num_workers else "_trainable_"), ckpt
+        state = load_checkpoint(exp / ckpt / "checkpoints" / "last.pt")
         assert state["config"]["train"]["fold"] == fold
         assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
-        assert (Path(ckpt) / "checkpoints" / "best.pt").exists()
-        # A TorchTrainer's checkpoints live in Ray Train's storage; a trial that trains itself
-        # reports them to Tune, into its own trial folder.
-        assert (".train/" in ckpt) == (num_workers > 0), ckpt
+        assert (exp / ckpt / "checkpoints" / "best.pt").exists()
+    if num_workers:  # named as the log counts epochs: the third of three
+        assert all(c.endswith("/checkpoint_epoch_0003") for c in summary["best"]["fold_checkpoints"].values())
 
     saved = json.loads(Path(summary["files"]["json"]).read_text())
     assert saved["best"]["params"] == {"optim.lr": 3e-3}
@@ -81,6 +85,19 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
     # naming both, before anything is restored.
     with pytest.raises(ValueError, match=r"asha-test: this experiment runs 1 trial\(s\) at a time.*--max-concurrent-trials 2"):
         ray_tune.run_experiment(cfg, smoke_cache, max_concurrent_trials=2, print_table=False)
+
+    # The run folder moves as one: a copy, with the original deleted, predicts with its own models.
+    from ptxray.export import export_run
+    from ptxray.runs import open_run
+
+    copy = tmp_path / "moved" / "asha-copy"
+    shutil.copytree(exp, copy)
+    shutil.rmtree(tmp_path / "runs")
+    run = open_run(str(copy))
+    assert run.fold_ids == [0, 1] and all(r.checkpoint_dir.startswith(str(copy) + "/") for r in run.folds)
+    assert run.checkpoint_record() == {str(f): f"{c}/checkpoints/best.pt" for f, c in saved["best"]["fold_checkpoints"].items()}
+    result = export_run(str(copy), str(copy / "export" / "ensemble.torchscript.pt"), fmt="torchscript")
+    assert result.folds == (0, 1) and all(c.startswith(str(copy)) for c in result.manifest["checkpoints"])
 
 
 def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_local, smoke_cache, tmp_path):
@@ -136,12 +153,12 @@ def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_lo
 
     (row,) = summary["rows"]
     assert row["folds_completed"] == 1 and row["epochs_max"] == 3, row
-    state = load_checkpoint(Path(summary["best"]["fold_checkpoints"][0]) / "checkpoints" / "last.pt")
+    state = load_checkpoint(tmp_path / "runs" / "killed-trial" / summary["best"]["fold_checkpoints"][0] / "checkpoints" / "last.pt")
     assert state["epochs_completed"] == 3 and [h["epoch"] for h in state["history"]] == [0, 1, 2]
     assert state["history"][0]["train_loss"] == records[0]["metrics"]["train_loss"], "epoch 0 was not trained again"
     # The fold's best weights (epoch 0, from before the kill) travel with every later checkpoint,
     # so the summary's checkpoint has them and the run can be evaluated.
-    best = load_checkpoint(Path(summary["best"]["fold_checkpoints"][0]) / "checkpoints" / "best.pt")
+    best = load_checkpoint(tmp_path / "runs" / "killed-trial" / summary["best"]["fold_checkpoints"][0] / "checkpoints" / "best.pt")
     assert best["epoch"] == 0 and best["metrics"]["train_loss"] == records[0]["metrics"]["train_loss"]
     doc = evaluate_run(summary["experiment"], cache=smoke_cache, cases=1)
     assert [m["fold"] for m in doc["metrics"]] == [0, "all"]
@@ -179,9 +196,10 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert "runs/s3-exp/summary.json" in keys and "runs/s3-exp/summary.csv" in keys
     ckpt = first["best"]["fold_checkpoints"][0]
-    # A TorchTrainer's checkpoints go to Ray Train's storage, an in-trial one's to its Tune trial folder.
-    assert ckpt.startswith(f"s3://{bucket}/runs/s3-exp.train/" if num_workers else f"s3://{bucket}/runs/s3-exp/_trainable_"), ckpt
-    prefix = ckpt.removeprefix(f"s3://{bucket}/")
+    # Relative to the experiment: a TorchTrainer's checkpoints in Ray Train's storage inside it, an
+    # in-trial one's in its Tune trial folder.
+    assert ckpt.startswith("train-runs/" if num_workers else "_trainable_"), ckpt
+    prefix = f"runs/s3-exp/{ckpt}"
     in_checkpoint = [k for k in keys if k.startswith(prefix)]
     assert any(k.endswith("last.pt") for k in in_checkpoint), (prefix, keys)
     n_objects = len(keys)
@@ -196,6 +214,20 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
     new_checkpoints = [r for r in requests if r["method"] in ("PUT", "POST") and "/checkpoint_" in r["url"]]
     assert new_checkpoints == [], "a finished trial was not trained again"
     assert len(s3.list_objects_v2(Bucket=bucket)["Contents"]) >= n_objects
+
+    # Copied to another prefix and the original deleted: the copy's summary finds the copy's models.
+    from ptxray.predict import run_predict
+    from ptxray.runs import open_run
+
+    for key in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/s3-exp/")["Contents"]]:
+        s3.copy_object(Bucket=bucket, Key="moved/" + key.removeprefix("runs/"), CopySource={"Bucket": bucket, "Key": key})
+    for key in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]]:
+        s3.delete_object(Bucket=bucket, Key=key)
+    run = open_run(f"s3://{bucket}/moved/s3-exp")
+    assert [r.checkpoint_dir for r in run.folds] == [f"s3://{bucket}/moved/s3-exp/{ckpt}"]
+    sample = Path(__file__).parent / "data" / "siim-sample" / "sample-images"
+    done = run_predict(f"s3://{bucket}/moved/s3-exp", str(sample), f"s3://{bucket}/predictions", local=True, write_images=False)
+    assert done["predicted"] == len(list(sample.glob("*.dcm")))
 
 
 def test_default_max_concurrent_trials_follows_the_cluster(ray_local):
