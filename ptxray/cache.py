@@ -215,15 +215,18 @@ def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
     index = index.append_column("fold", pa.array(np.asarray(folds, np.int16)))
     n_pos = sum(1 for r in usable if r["label"])
     positive = np.array([bool(r["label"]) for r in usable], dtype=bool)
+    patients = np.array([r["patient_id"] or r["image_id"] for r in usable], dtype=object)  # as assign_folds groups
     per_fold = [
-        {"fold": int(k), "images": int((folds == k).sum()), "positive": int(((folds == k) & positive).sum())}
+        {"fold": int(k), "images": int((folds == k).sum()), "positive": int(((folds == k) & positive).sum()),
+         "patients": len(set(patients[folds == k].tolist()))}
         for k in sorted(set(folds.tolist()))
-    ]
+    ]  # fmt: skip
     summary = {
         "dicoms_listed": len(rows),
         "images": len(usable),
         "positive": n_pos,
         "negative": len(usable) - n_pos,
+        "patients": len(set(patients.tolist())),
         "quarantined": len(quarantined),
         "quarantine": sorted(quarantined, key=lambda q: q["path"]),
         "dicoms_without_labels": len(unlabeled),

@@ -106,6 +106,7 @@ def print_prepare_summary(summary: dict[str, Any], console=None) -> None:
         ("images", "images in the cache"),
         ("positive", "  positive (pneumothorax)"),
         ("negative", "  negative"),
+        ("patients", "patients"),
         ("quarantined", "quarantined"),
         ("dicoms_without_labels", "DICOMs without labels"),
         ("labels_without_dicoms", "labels without DICOMs"),
@@ -114,8 +115,9 @@ def print_prepare_summary(summary: dict[str, Any], console=None) -> None:
     ]:
         table.add_row(label, str(summary.get(key, "")))
     for f in summary.get("folds", []):
-        name = "hold-out" if f["fold"] < 0 else f"fold {f['fold']}"
-        table.add_row(f"  {name}", f"{f['images']} ({f['positive']} positive)")
+        name = "hold-out (test split)" if f["fold"] < 0 else f"fold {f['fold']}"
+        patients = f" of {f['patients']} patients" if "patients" in f else ""  # caches from before the count
+        table.add_row(f"  {name}", f"{f['images']} images{patients} ({f['positive']} positive)")
     console.print(table)
     for q in summary.get("quarantine", [])[:20]:
         console.print(f"[yellow]quarantined[/]: {q['reason']}", highlight=False)
@@ -305,14 +307,16 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ptxray.report import evaluate_run
 
-    doc = evaluate_run(args.run, cache=args.cache, out=args.out, device=args.device, cases=args.cases, recompute=args.recompute)
+    doc = evaluate_run(args.run, cache=args.cache, out=args.out, device=args.device, cases=args.cases, recompute=args.recompute,
+                       split=args.split)  # fmt: skip
     rows = []
     for m in doc["metrics"]:
-        rows.append((f"fold {m['fold']}", f"Dice {m['dice']:.4f} (empty baseline {m['empty_dice']:.4f}, 0.5: {m['dice_plain']:.4f}), "
+        rows.append((f"fold {m['fold']}" if isinstance(m["fold"], int) else str(m["fold"]), f"Dice {m['dice']:.4f} (empty baseline {m['empty_dice']:.4f}, 0.5: {m['dice_plain']:.4f}), "
                      f"{m['images']} images, {m['positive']} positive"))
     rows += [(name, path) for name, path in doc["files"].items() if not name.startswith("cases/")]
     rows.append(("case overlays", f"{len(doc['cases']['best'])} best, {len(doc['cases']['worst'])} worst"))
-    _wide_console().print(_outputs_table(f"ptxray evaluate ({doc['thresholds']['rule']} rule)", rows))
+    split = "hold-out patients, fold ensemble" if args.split == "holdout" else "out-of-fold"
+    _wide_console().print(_outputs_table(f"ptxray evaluate ({split}, {doc['thresholds']['rule']} rule)", rows))
     return 0
 
 
@@ -525,10 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.set_defaults(func=cmd_thresholds)
 
-    p = sub.add_parser("evaluate", help="out-of-fold report of a run: metrics per fold, ROC, confusion, Dice histogram, cases")
+    p = sub.add_parser("evaluate", help="out-of-fold (or --split holdout: test split) report of a run: metrics, ROC, confusion, Dice histogram, cases")
     p.add_argument("--run", required=True, help="run folder or s3:// prefix")
     p.add_argument("--cache", help="the cache the run trained from (default: from the run's config data.cache)")
-    p.add_argument("--out", help="report folder or s3:// prefix (default: <run>/report)")
+    p.add_argument("--out", help="report folder or s3:// prefix (default: <run>/report, or <run>/report-holdout)")
+    p.add_argument("--split", choices=["oof", "holdout"], default="oof",
+                   help="oof: each fold model on its validation fold (default); holdout: the fold ensemble on the hold-out "
+                   "patients (data.holdout_fraction, fold -1), the test split")
     p.add_argument("--cases", type=int, default=4, help="best and worst cases shown as overlays")
     p.add_argument("--recompute", action="store_true", help="recompute the out-of-fold predictions even if stored")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")

@@ -542,23 +542,51 @@ def compute_oof(run: Run, cache: Cache, *, device: str | None = None, tta: bool 
             parts.append(stats_from_probs(quantize(prob), masks, cls_prob, ids, ref.fold))
             n += len(ids)
         log.info("out-of-fold: fold %d predicted %d validation images", ref.fold, n)
-    meta = {
-        "run_dir": run.run_dir,
-        "cache": cache.uri,
-        "tta": tta,
-        "checkpoints": {str(r.fold): r.best for r in run.folds},
-        "created": time.time(),
-    }
-    return OofStats.concat(parts, meta)
+    return OofStats.concat(parts, _stats_meta(run, cache, tta, "oof"))
+
+
+def _stats_meta(run: Run, cache: Cache, tta: bool, split: str) -> dict[str, Any]:
+    # checkpoints relative to the run: a copied run reuses its stored predictions.
+    return {"run_dir": run.run_dir, "cache": cache.uri, "tta": tta, "split": split,
+            "checkpoints": run.checkpoint_record(), "created": time.time()}  # fmt: skip
+
+
+def compute_holdout(run: Run, cache: Cache, *, device: str | None = None, tta: bool = True, batch_size: int = 16) -> OofStats:
+    """The fold ensemble (every fold model averaged, with predict's flip TTA) on the hold-out
+    patients (fold -1, `data.holdout_fraction`), reduced to `OofStats` (fold -1 for every image).
+    None of the fold models saw these patients, so this is the test-split score."""
+    folds = set(cache.index().column("fold").to_pylist())
+    if -1 not in folds:
+        raise RunError(
+            f"{cache.uri}: the cache has no hold-out split (fold -1): it was prepared with data.holdout_fraction 0. "
+            "Prepare a cache with --set data.holdout_fraction=0.2 (the paper's test split) and train on it"
+        )
+    _, holdout_ids = cache.split_ids(-1)
+    ensemble = Ensemble.from_run(run, device, tta=tta)
+    parts = []
+    for images, masks, ids in cache.iter_arrays(holdout_ids, batch_size):
+        prob, cls_prob = ensemble.predict(images)
+        parts.append(stats_from_probs(quantize(prob), masks, cls_prob, ids, -1))
+    log.info("hold-out: the ensemble of folds %s predicted %d images", run.fold_ids, len(holdout_ids))
+    return OofStats.concat(parts, _stats_meta(run, cache, tta, "holdout"))
+
+
+HOLDOUT_FILE = "holdout/holdout.npz"
+# Where each split's predictions are stored in a run, and how they are computed.
+SPLITS = {"oof": (OOF_FILE, compute_oof), "holdout": (HOLDOUT_FILE, compute_holdout)}
 
 
 def load_or_compute_oof(
-    run: Run, cache: str | None = None, *, recompute: bool = False, device: str | None = None, tta: bool = True
+    run: Run, cache: str | None = None, *, recompute: bool = False, device: str | None = None, tta: bool = True,
+    split: str = "oof",
 ) -> tuple[OofStats, bool]:
-    """The run's stored OOF statistics when they match its fold checkpoints, else computed and stored.
-
-    Returns (stats, computed now)."""
-    uri = storage.join(run.run_dir, OOF_FILE)
+    """The run's stored statistics of `split` ("oof": each fold model on its own validation fold;
+    "holdout": the fold ensemble on the hold-out patients) when they match its fold checkpoints,
+    else computed and stored. Returns (stats, computed now)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: choose from {sorted(SPLITS)}")
+    path, compute = SPLITS[split]
+    uri = storage.join(run.run_dir, path)
     if not recompute:
         try:
             stats = OofStats.load(uri)
@@ -588,6 +616,7 @@ __all__ = [
     "PRED_SCHEMA",
     "Pictures",
     "Predictor",
+    "compute_holdout",
     "compute_oof",
     "default_device",
     "encode_png",

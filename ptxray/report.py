@@ -11,6 +11,11 @@ What it holds, all from the run's out-of-fold predictions (`<run>/oof/oof.npz`, 
 - the best (positive images) and worst cases as overlays (prediction red, ground truth green),
   re-predicted from the cache by the image's own fold model.
 
+With `split="holdout"` the same report is written for the hold-out patients (fold -1, set aside
+by `data.holdout_fraction`: the paper's test split) to `<run>/report-holdout`, scored by the
+ensemble of every fold model, with the decision rule chosen on the out-of-fold predictions (never
+on the hold-out itself).
+
 Dice here is computed at the training size against the cached (resized) masks: close to, not
 the same as, the competition's 1024 px score.
 """
@@ -44,6 +49,8 @@ from ptxray.runs import Run, load_fold_model, open_run
 log = logging.getLogger("ptxray")
 
 REPORT_DIR = "report"
+REPORT_DIRS = {"oof": REPORT_DIR, "holdout": "report-holdout"}
+SPLIT_TEXT = {"oof": "out-of-fold", "holdout": "hold-out, fold ensemble"}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -87,7 +94,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_roc(stats: OofStats) -> bytes | None:
+def plot_roc(stats: OofStats, split_text: str = SPLIT_TEXT["oof"]) -> bytes | None:
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -99,12 +106,12 @@ def plot_roc(stats: OofStats) -> bytes | None:
     ax = fig.add_subplot()
     ax.plot(fpr, tpr, label=f"classification head (AUC {roc_auc_score(pos, stats.cls_prob):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, out-of-fold")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {split_text}")
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
 
-def plot_confusion(m: dict[str, float], rule: str) -> bytes:
+def plot_confusion(m: dict[str, float], rule: str, split_text: str = SPLIT_TEXT["oof"]) -> bytes:
     from matplotlib.figure import Figure
 
     cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
@@ -115,18 +122,18 @@ def plot_confusion(m: dict[str, float], rule: str) -> bytes:
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     ax.set_xticks([0, 1], ["empty", "non-empty"])
     ax.set_yticks([0, 1], ["empty", "non-empty"])
-    ax.set(xlabel="predicted", ylabel="true", title=f"decision ({rule} rule), out-of-fold")
+    ax.set(xlabel="predicted", ylabel="true", title=f"decision ({rule} rule), {split_text}")
     return _png(fig)
 
 
-def plot_dice_hist(dice: np.ndarray, positive: np.ndarray) -> bytes:
+def plot_dice_hist(dice: np.ndarray, positive: np.ndarray, split_text: str = SPLIT_TEXT["oof"]) -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 3.6))
     ax = fig.add_subplot()
     bins = np.linspace(0, 1, 21)
     ax.hist([dice[positive], dice[~positive]], bins=bins, stacked=True, label=["pneumothorax", "no pneumothorax"])
-    ax.set(xlabel="per-image Dice (competition rule)", ylabel="images", title="Dice histogram, out-of-fold")
+    ax.set(xlabel="per-image Dice (competition rule)", ylabel="images", title=f"Dice histogram, {split_text}")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -168,7 +175,8 @@ def pick_cases(stats: OofStats, dice: np.ndarray, kept_area: np.ndarray, k: int)
 
 
 def predict_cases(run: Run, cache_uri: str | None, stats: OofStats, indices: Sequence[int], th: Thresholds, device: str | None) -> dict[int, dict[str, Any]]:
-    """Re-predict the chosen OOF images with their own fold model: image, masks and recomputed Dice."""
+    """Re-predict the chosen images with the model that scored them (an OOF image's own fold model;
+    the ensemble of every fold for a hold-out image, fold -1): image, masks and recomputed Dice."""
     cache = resolve_cache(run, cache_uri or stats.meta.get("cache"))
     tta = bool(stats.meta.get("tta", True))
     out: dict[int, dict[str, Any]] = {}
@@ -177,7 +185,8 @@ def predict_cases(run: Run, cache_uri: str | None, stats: OofStats, indices: Seq
         by_fold.setdefault(int(stats.folds[i]), []).append(i)
     refs = {r.fold: r for r in run.folds}
     for fold, idx in by_fold.items():
-        ensemble = Ensemble([load_fold_model(refs[fold])[0]], device, tta=tta)
+        models = [load_fold_model(r)[0] for r in run.folds] if fold < 0 else [load_fold_model(refs[fold])[0]]
+        ensemble = Ensemble(models, device, tta=tta)
         where = {str(stats.image_ids[i]): i for i in idx}
         for images, masks, ids in cache.iter_arrays(list(where)):
             prob, cls_prob = ensemble.predict(images)
@@ -243,19 +252,29 @@ def evaluate_run(
     device: str | None = None,
     cases: int = 4,
     recompute: bool = False,
+    split: str = "oof",
 ) -> dict[str, Any]:
-    """Write the report under `out` (default `<run>/report`); returns its numbers and file paths."""
+    """Write the report of `split` ("oof" or "holdout") under `out` (default `<run>/report`, or
+    `<run>/report-holdout`); returns its numbers and file paths."""
+    if split not in REPORT_DIRS:
+        raise ValueError(f"--split {split!r}: choose from {sorted(REPORT_DIRS)}")
     run = open_run(run_dir)
-    out = out or storage.join(run.run_dir, REPORT_DIR)
-    stats, computed = load_or_compute_oof(run, cache, recompute=recompute, device=device)
+    out = out or storage.join(run.run_dir, REPORT_DIRS[split])
+    stats, computed = load_or_compute_oof(run, cache, recompute=recompute, device=device, split=split)
     th = load_thresholds(storage.join(run.run_dir, THRESHOLDS_FILE))
     if th is None:
-        th = search_thresholds(stats, source="out-of-fold search in `evaluate` (not stored; run `ptxray thresholds`)").thresholds
+        # Chosen on the out-of-fold predictions in either case: a rule tuned on the hold-out would flatter it.
+        oof = stats if split == "oof" else load_or_compute_oof(run, cache or stats.meta.get("cache"), device=device)[0]
+        th = search_thresholds(oof, source="out-of-fold search in `evaluate` (not stored; run `ptxray thresholds`)").thresholds
     size = stats.size_px
     plain = Thresholds(0.5, 0, 0.5, 0.0, size, rule="plain", source="fixed 0.5")
+    split_text = SPLIT_TEXT[split]
 
-    rows = [{"fold": int(f), **oof_metrics(stats.subset(stats.folds == f), th, plain)} for f in sorted(set(stats.folds.tolist()))]
-    overall = {"fold": "all", **oof_metrics(stats, th, plain)}
+    if split == "oof":
+        rows = [{"fold": int(f), **oof_metrics(stats.subset(stats.folds == f), th, plain)} for f in sorted(set(stats.folds.tolist()))]
+        overall = {"fold": "all", **oof_metrics(stats, th, plain)}
+    else:
+        rows, overall = [], {"fold": "hold-out", **oof_metrics(stats, th, plain)}
     rows.append(overall)
     dice, kept = per_image_dice(stats, th)
     ge_all, _ = stats.counts_above()
@@ -268,9 +287,9 @@ def evaluate_run(
             files[name] = storage.join(out, name)
             storage.write_bytes_atomic(files[name], data)
 
-    put("roc.png", plot_roc(stats))
-    put("confusion.png", plot_confusion(overall, th.rule))
-    put("dice_hist.png", plot_dice_hist(dice, stats.positive))
+    put("roc.png", plot_roc(stats, split_text))
+    put("confusion.png", plot_confusion(overall, th.rule, split_text))
+    put("dice_hist.png", plot_dice_hist(dice, stats.positive, split_text))
     put("learning_curves.png", plot_learning_curves({r.fold: r.history() for r in run.folds}))
 
     best, worst = pick_cases(stats, dice, kept_area, cases)
@@ -297,6 +316,7 @@ def evaluate_run(
     doc = {
         "run": run.run_dir,
         "kind": run.kind,
+        "split": split,
         "oof": {"computed_now": computed, **stats.meta},
         "thresholds": th.to_dict(),
         "size_px": size,
@@ -327,7 +347,8 @@ def render(doc: dict[str, Any], files: dict[str, str]) -> tuple[str, str]:
         ("learning_curves.png", "Learning curves"),
     ) if n in files]
 
-    md = [f"# Out-of-fold report: {doc['run']}", "", f"Decision {rule}.", "",
+    title = "Hold-out report (fold ensemble)" if doc.get("split") == "holdout" else "Out-of-fold report"
+    md = [f"# {title}: {doc['run']}", "", f"Decision {rule}.", "",
           "Dice is the competition rule (both empty = 1), computed at the training size.", "", md_table]
     for name, title in plots:
         md += [f"## {title}", "", f"![{title}]({name})", ""]
@@ -339,7 +360,7 @@ def render(doc: dict[str, Any], files: dict[str, str]) -> tuple[str, str]:
         md.append("")
 
     esc = html.escape
-    body = [f"<h1>Out-of-fold report: {esc(doc['run'])}</h1>",
+    body = [f"<h1>{esc(title)}: {esc(doc['run'])}</h1>",
             f"<p>Decision rule <b>{esc(th['rule'])}</b>: keep a mask when ≥ {th['min_area_px']} px (at {th['size_px']} px) "
             f"exceed {th['top_score']} and the classification probability ≥ {th['cls_threshold']}; binarise at "
             f"{th['bin_threshold']} (source: {esc(str(th['source']))}).</p>",
