@@ -917,6 +917,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "OPTIMIZERS",
+    "PROGRESS_INTERVAL_S",
     "PositiveReservoir",
     "SCHEDULERS",
     "batch_from_numpy",

@@ -130,19 +130,42 @@ def storage_for_ray(storage_path: str) -> tuple[str, Any]:
     return str(Path(storage_path).expanduser().absolute()), None
 
 
-def worker_resources(cfg: Config) -> dict[str, float]:
+# CPUs the Train workers leave for the Ray Data tasks that read the cache for them (a quarter CPU
+# each: ray_data.train_dataset); the same one CPU ray_tune.default_max_concurrent_trials keeps free.
+READ_CPUS_KEPT = 1.0
+
+
+def worker_resources(cfg: Config, cluster_cpus: float | None = None) -> dict[str, float]:
     """`ScalingConfig.resources_per_worker`: {"CPU": compute.cpus_per_worker} (+ 1 GPU via use_gpu).
 
     `cpus_per_worker=0` reserves no whole CPU: right for GPU workers (Ray's own default), and for
-    CPU workers on a small machine, where Ray Data's tasks need the CPUs (each read task asks for a
-    whole CPU, so workers holding every CPU would wait for their data forever). Ray refuses an
-    all-zero placement-group bundle, so a CPU worker then reserves a token 0.01 CPU.
+    CPU workers on a small machine. Ray refuses an all-zero placement-group bundle, so a CPU worker
+    then reserves a token 0.01 CPU.
+
+    With `cluster_cpus` (the cluster's CPUs; `make_trainer` passes them): workers that fit the
+    cluster but leave it less than `READ_CPUS_KEPT` free would starve Ray Data's read tasks, and
+    the run would wait for its data forever without an error (`train --ray` with 2 workers on a
+    2-CPU machine). Each worker then reserves an equal share of the CPUs less one, with a warning
+    that says how to choose instead. Workers that do not fit at all are left as asked: an
+    autoscaling cluster adds nodes for them.
     """
     cpus = float(cfg.compute.cpus_per_worker)
     if cpus < 0:
         raise ValueError(f"compute.cpus_per_worker: must be >= 0, got {cfg.compute.cpus_per_worker}")
     if cpus == 0 and not cfg.compute.use_gpu:
         cpus = 0.01
+    n = cfg.compute.num_workers
+    if cluster_cpus is not None and n >= 1 and cluster_cpus - READ_CPUS_KEPT < n * cpus <= cluster_cpus:
+        share = max(0.01, math.floor(100 * (cluster_cpus - READ_CPUS_KEPT) / n) / 100)
+        log.warning(
+            "compute.num_workers=%d x compute.cpus_per_worker=%g would hold %g of the cluster's %g CPUs, leaving less "
+            "than %g for the Ray Data tasks that read the cache for them: they would never start and training would "
+            "wait forever. Each worker reserves %g CPU instead (Ray's booking; the workers still compute). To choose "
+            "yourself: --set compute.cpus_per_worker=0 (no reservation), fewer workers, or more CPUs "
+            "(ptxray cluster up --num-cpus N)",
+            n, cfg.compute.cpus_per_worker, n * cpus, cluster_cpus, READ_CPUS_KEPT, share,
+        )  # fmt: skip
+        cpus = share
     return {"CPU": cpus}
 
 
@@ -178,6 +201,7 @@ def make_trainer(
             "(0 trains inside each Tune trial's own process: ptxray kfold / jobs/kfold.py)"
         )
     _check_cache_channels(cfg, cache_uri)
+    cluster_cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
     train_ds = ray_data.train_dataset(cache_uri, cfg.train.fold)
     path, filesystem = storage_for_ray(storage_path or compute.storage_path)
     return TorchTrainer(
@@ -187,7 +211,7 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=compute.num_workers,
             use_gpu=compute.use_gpu,
-            resources_per_worker=worker_resources(cfg),
+            resources_per_worker=worker_resources(cfg, cluster_cpus),
         ),
         run_config=RunConfig(
             name=run_name,
@@ -624,5 +648,5 @@ def train_loop_per_worker(config: dict) -> None:
 __all__ = [
     "CHECKPOINTS_TO_KEEP", "DebugHooks", "NullModel", "Prefetch", "ShardStreams", "fold_outcome", "hold_shard",
     "make_trainer", "prefetch_depth", "report_metrics", "restore_checkpoint", "run_fold", "stage_checkpoint",
-    "storage_for_ray", "train_loop_per_worker", "uri_of_ray_path", "worker_resources",
+    "storage_for_ray", "train_loop_per_worker", "uri_of_ray_path", "worker_resources", "READ_CPUS_KEPT",
 ]  # fmt: skip

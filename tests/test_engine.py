@@ -463,6 +463,45 @@ def test_fit_stops_early_and_a_resume_does_not_restart_it(tmp_path):
             run_dir=None, device="cpu")
 
 
+def test_resuming_an_early_stopped_run_with_more_epochs_says_why_and_leaves_it(tmp_path, caplog):
+    """More train.epochs on a run that stopped early trains nothing: the log says why and what
+    would train on, and config.yaml and metrics.jsonl keep what the run trained with."""
+    cfg = small_config(epochs=10, monitor="val_empty_dice", early_stop_patience=2, early_stop_min_delta=0.0)
+    train_batches, val_batches = make_loaders()
+    fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=tmp_path, device="cpu")
+    saved = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")}
+
+    longer = small_config(epochs=20, monitor="val_empty_dice", early_stop_patience=2, early_stop_min_delta=0.0)
+    with caplog.at_level(logging.WARNING, logger="ptxray.engine"):
+        again = fit(_new_model(longer, 0), longer, train_batches, val_batches, run_dir=tmp_path, device="cpu")
+    assert again.stopped_early and again.epochs_run == 3 and again.checkpoint == str(tmp_path / "checkpoints" / "best.pt")
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "stopped early" in r.getMessage()]
+    assert "stopped early after epoch 3: val_empty_dice did not improve for 2 epochs (train.early_stop_patience 2" in warning
+    assert "whatever train.epochs says (now 20)" in warning and "train.early_stop_patience=0" in warning
+
+    # A patience that now allows more epochs continues the run where it stopped.
+    patient = small_config(epochs=5, monitor="val_empty_dice", early_stop_patience=0)
+    more = fit(_new_model(patient, 0), patient, train_batches, val_batches, run_dir=tmp_path, device="cpu")
+    assert not more.stopped_early and [h["epoch"] for h in more.history] == [0, 1, 2, 3, 4]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 5
+
+
+def test_fit_logs_progress_inside_an_epoch_and_not_under_a_progress_bar(tmp_path, caplog):
+    cfg = small_config(epochs=1)
+    train_batches, val_batches = make_loaders(batch_size=2)  # 4 batches an epoch
+    with caplog.at_level(logging.INFO, logger="ptxray.engine"):
+        fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=None, device="cpu", steps_per_epoch=4,
+            progress_interval_s=1e-9)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1: batch")]
+    assert [line.split(" after ")[0] for line in lines] == [f"epoch 1/1: batch {i}/4" for i in (1, 2, 3, 4)]
+    assert "s left in the epoch" in lines[0] and "left" not in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ptxray.engine"):
+        fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=None, device="cpu", progress_interval_s=0)
+    assert not [r for r in caplog.records if ": batch " in r.getMessage()]
+
+
 def test_fit_in_memory_with_onecycle_and_step_limit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = small_config(epochs=2, max_steps_per_epoch=1)

@@ -7,6 +7,7 @@ tests can compare ranks and see which process trained which epoch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -190,6 +191,29 @@ def test_storage_paths_and_worker_resources(tmp_path, moto_s3):
     assert ray_train.worker_resources(gpu) == {"CPU": 0.0}
 
 
+def test_workers_that_would_hold_every_cpu_leave_one_for_the_reads(caplog):
+    """`train --ray --set compute.num_workers=2` on a 2-CPU machine used to wait forever: the two
+    1-CPU workers held both CPUs and Ray Data's read tasks never started."""
+    from ptxray import ray_train
+
+    two = load_config("smoke", {"compute.num_workers": 2, "compute.cpus_per_worker": 1})
+    with caplog.at_level(logging.WARNING, logger="ptxray"):
+        assert ray_train.worker_resources(two, cluster_cpus=2) == {"CPU": 0.5}
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "compute.num_workers=2 x compute.cpus_per_worker=1 would hold 2 of the cluster's 2 CPUs" in warning
+    assert "Each worker reserves 0.5 CPU instead" in warning and "compute.cpus_per_worker=0" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ptxray"):
+        assert ray_train.worker_resources(two, cluster_cpus=3) == {"CPU": 1.0}  # one CPU is left: as asked
+        assert ray_train.worker_resources(two, cluster_cpus=1) == {"CPU": 1.0}  # does not fit: an autoscaler's job
+        assert ray_train.worker_resources(two.with_overrides({"compute.cpus_per_worker": 0}), cluster_cpus=2) == {"CPU": 0.01}
+        gpu = two.with_overrides({"compute.num_workers": 1, "compute.cpus_per_worker": 6, "compute.use_gpu": True})
+        assert ray_train.worker_resources(gpu, cluster_cpus=7) == {"CPU": 6.0}  # a 7-CPU GPU pod: one left
+    assert caplog.records == []
+    assert ray_train.worker_resources(two.with_overrides({"compute.num_workers": 1}), cluster_cpus=1) == {"CPU": 0.01}
+    assert ray_train.worker_resources(two.with_overrides({"compute.num_workers": 3}), cluster_cpus=4) == {"CPU": 1.0}
+
+
 def test_make_trainer_checks_its_inputs(cache_64px, tmp_path):
     from ptxray import ray_train
 
@@ -205,6 +229,10 @@ def test_make_trainer_checks_its_inputs(cache_64px, tmp_path):
     # The prefetch budget in batches: 512 MiB of uint8 (3 channels + mask) at 64 px, batch 8.
     assert ray_train.prefetch_depth(cfg, 8) == 512 * 2**20 // (8 * 4 * 64 * 64)
     assert ray_train.prefetch_depth(cfg.with_overrides({"compute.prefetch_mb": 0}), 8) == 4
+    # Workers that would take every CPU of the cluster (4 here) leave one to the read tasks.
+    full = _cfg(**{"compute.num_workers": 2, "compute.cpus_per_worker": 2})
+    trainer = ray_train.make_trainer(full, cache_64px["cache"], run_name="x", storage_path=str(tmp_path))
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 1.5}
 
 
 def test_positive_oversampling_on_streamed_shards(cache_64px, tmp_path):
