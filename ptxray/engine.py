@@ -663,6 +663,30 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Seconds between progress lines inside a training epoch (`fit(progress_interval_s=...)`).
+PROGRESS_INTERVAL_S = 30.0
+
+
+def _with_progress(batches: Iterable[Batch], epoch: int, epochs: int, total: int | None, interval_s: float) -> Iterable[Batch]:
+    """`batches`, with a log line every `interval_s` seconds: a long epoch (minutes on a GPU at 512
+    px, much more on a CPU) otherwise shows nothing between its start and its summary line. Only
+    process-group rank 0 logs, so DDP workers do not repeat it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        yield from batches
+        return
+    start = last = time.perf_counter()
+    n = 0
+    for n, batch in enumerate(batches, 1):
+        yield batch  # the time until the next item includes the training step on this one
+        now = time.perf_counter()
+        if now - last >= interval_s:
+            last = now
+            rate = n / (now - start)
+            left = f", about {(total - n) / rate:.0f} s left in the epoch" if total and total > n else ""
+            logger.info("epoch %d/%d: batch %d%s after %.0f s (%.2f batches/s)%s",
+                        epoch + 1, epochs, n, f"/{total}" if total else "", now - start, rate, left)  # fmt: skip
+
+
 def _resolve_steps_per_epoch(cfg: Config, steps_per_epoch: int | None) -> int | None:
     if steps_per_epoch:
         limit = cfg.train.max_steps_per_epoch
@@ -685,6 +709,7 @@ def fit(
     resume_from: str | Path | None = None,
     device_augment: DeviceAugmentFn | None = None,
     augment_rank: int = 0,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> FitResult:
     """Train `model` for `cfg.train.epochs` epochs (0-based `epoch` indices throughout).
 
@@ -699,6 +724,12 @@ def fit(
     - `max_epochs`: stop after this many completed epochs in total, leaving a resumable run.
     - `steps_per_epoch`: optimizer steps per epoch, needed by onecycle unless
       `train.max_steps_per_epoch` is set.
+    - `progress_interval_s`: log the epoch's progress this often (0: never, e.g. under a progress bar).
+    - A resumed run that had stopped early continues only when early stopping now allows another
+      epoch (`train.early_stop_patience` 0, or above the epochs it went without improving); else
+      fit says why and returns the run as it is, without rewriting config.yaml. A larger
+      `train.epochs` alone does not restart it: early stopping made its decision, and the
+      setting that decides it is the patience.
     - The model is moved to `device` (and to channels_last on CUDA) unless it is already wrapped
       in DDP, in which case the runner has done that.
     - `device_augment`: augment the (uint8) training batches on the device, drawing from
@@ -771,6 +802,20 @@ def fit(
         # Last, so nothing above (model building by the caller included) shifts the streams.
         restore_rng_state(state["rng"])
         logger.info("resumed %s after epoch %d/%d", source, start_epoch, epochs)
+        if stopped_early:
+            if stopper.patience > 0 and stopper.epochs_since_best >= stopper.patience:
+                logger.warning(
+                    "%s stopped early after epoch %d: %s did not improve for %d epochs (train.early_stop_patience %d, "
+                    "best %.4f), so resuming trains nothing, whatever train.epochs says (now %d); the run folder is "
+                    "left as it is. To train on: --set train.early_stop_patience=0 (off) or a patience above %d; "
+                    "--no-resume starts over",
+                    source, start_epoch, stopper.monitor, stopper.epochs_since_best, stopper.patience,
+                    stopper.best if stopper.best is not None else float("nan"), epochs, stopper.epochs_since_best,
+                )  # fmt: skip
+                return _fit_result(history, best_metrics, True, last_path, best_path)
+            logger.info("%s had stopped early after epoch %d; train.early_stop_patience now allows more epochs: continuing",
+                        source, start_epoch)  # fmt: skip
+            stopped_early = False
     else:
         torch.manual_seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
@@ -793,6 +838,8 @@ def fit(
         batches: Iterable[Batch] = train_batches(epoch, rng)
         if max_steps > 0:
             batches = itertools.islice(batches, max_steps)
+        if progress_interval_s > 0:
+            batches = _with_progress(batches, epoch, epochs, _resolve_steps_per_epoch(cfg, steps_per_epoch), progress_interval_s)
         generator = None
         if device_augment is not None:
             generator = augment_generator(device, [train_cfg.seed, epoch, augment_rank])
@@ -898,6 +945,10 @@ def fit(
                 stopper.best if stopper.best is not None else float("nan"),
             )
 
+    return _fit_result(history, best_metrics, stopped_early, last_path, best_path)
+
+
+def _fit_result(history: list, best: dict, stopped_early: bool, last_path: Path | None, best_path: Path | None) -> FitResult:
     checkpoint = None
     if best_path is not None and best_path.exists():
         checkpoint = str(best_path)
@@ -905,7 +956,7 @@ def fit(
         checkpoint = str(last_path)
     return FitResult(
         history=history,
-        best=best_metrics,
+        best=best,
         epochs_run=len(history),
         stopped_early=stopped_early,
         checkpoint=checkpoint,

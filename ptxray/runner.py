@@ -22,7 +22,7 @@ import torch
 from ptxray.augment import DeviceAugment, augment, build_augment, build_device_augment, resolve_where
 from ptxray.cache import Cache
 from ptxray.config import Config
-from ptxray.engine import FitResult, epoch_indices, fit, uint8_batch
+from ptxray.engine import PROGRESS_INTERVAL_S, FitResult, epoch_indices, fit, uint8_batch
 from ptxray.models import build_model
 
 log = logging.getLogger("ptxray")
@@ -244,6 +244,7 @@ def train_fold(
             model, cfg, train_batches, val_batches, run_dir=run_dir, device=dev, resume=resume,
             steps_per_epoch=steps_per_epoch(cfg, len(data.train_images)), resume_from=resume_from,
             on_epoch_end=on_epoch_end, device_augment=device_augment,
+            progress_interval_s=0.0 if progress else PROGRESS_INTERVAL_S,  # a progress bar shows it already
         )
     finally:
         if isinstance(train_batches, PrefetchedEpochs):
