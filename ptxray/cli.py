@@ -311,7 +311,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        split=args.split)  # fmt: skip
     rows = []
     for m in doc["metrics"]:
-        rows.append((f"fold {m['fold']}" if isinstance(m["fold"], int) else str(m["fold"]), f"Dice {m['dice']:.4f} (empty baseline {m['empty_dice']:.4f}, 0.5: {m['dice_plain']:.4f}), "
+        name = f"fold {m['fold']}" if isinstance(m["fold"], int) else str(m["fold"])  # "all", "hold-out"
+        rows.append((name, f"Dice {m['dice']:.4f} (empty baseline {m['empty_dice']:.4f}, 0.5: {m['dice_plain']:.4f}), "
                      f"{m['images']} images, {m['positive']} positive"))
     rows += [(name, path) for name, path in doc["files"].items() if not name.startswith("cases/")]
     rows.append(("case overlays", f"{len(doc['cases']['best'])} best, {len(doc['cases']['worst'])} worst"))
