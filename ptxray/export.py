@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -127,6 +128,29 @@ def _real_batch(check_dicom: str, cfg: Any) -> np.ndarray:
     with storage.open_input_stream(check_dicom) as f:
         _, stack = preprocess_dicom(f.read(), check_dicom, cfg.preprocess)
     return stack[None]
+
+
+HEARTBEAT_S = 15.0  # seconds between "still writing" lines while the exporter runs
+
+
+@contextlib.contextmanager
+def _heartbeat(message: str):
+    """Log `message (N s)` every HEARTBEAT_S seconds until the block ends: the exporter itself is
+    one call that runs for a minute or more on larger models, with no progress of its own."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            logger.info("%s (%.0f s)", message, time.perf_counter() - start)
+
+    thread = threading.Thread(target=beat, daemon=True, name="ptxray-export-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _max_abs_diff(got: list[np.ndarray], want: tuple[Tensor, Tensor]) -> float:
@@ -285,10 +309,11 @@ def export_run(
         how = f"torch.onnx dynamo exporter, opset {opset}" if fmt == "onnx" else "torch.jit.trace"
         logger.info("export: writing the %s graph (%s); the slow step", fmt, how)
         t_export = time.perf_counter()
-        if fmt == "onnx":
-            run_exported = _export_onnx(module, example, local, opset, arch)
-        else:
-            run_exported = _export_torchscript(module, example, local, arch)
+        with _heartbeat(f"export: still writing the {fmt} graph"):
+            if fmt == "onnx":
+                run_exported = _export_onnx(module, example, local, opset, arch)
+            else:
+                run_exported = _export_torchscript(module, example, local, arch)
         logger.info("export: graph written in %.1f s; checking it against PyTorch (a random batch%s)",
                     time.perf_counter() - t_export, ", a real DICOM" if real_batch is not None else "")  # fmt: skip
         diff_random = _max_abs_diff(run_exported(random_batch), want_random)
