@@ -196,6 +196,10 @@ class Labels:
     def positive(self, image_id: str) -> bool:
         return bool(self._rows(image_id))
 
+    def quarantined(self, image_id: str) -> str | None:
+        """Why the image's label rows are quarantined (`mask` raises it), or None."""
+        return self._bad.get(image_id)
+
     def mask(
         self, image_id: str, height: int = 1024, width: int = 1024, scheme: str | None = None
     ) -> np.ndarray:

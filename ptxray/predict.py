@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ptxray import storage
-from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_manifest
+from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_listed_files, read_manifest
 from ptxray.config import Config, PreprocessConfig
 from ptxray.dicom import DicomError, Scan
 from ptxray.masks import decode_rle, encode_rle
@@ -292,16 +292,9 @@ def read_files(fs: Any, paths: Sequence[str], display_prefix: str = "") -> pa.Ta
     gets its reason in `error` and no bytes, so it becomes a row of errors.csv instead of stopping
     the job; Ray Data's read_binary_files would fail the whole dataset on it.
     """
-    blobs: list[bytes | None] = []
-    errors: list[str | None] = []
-    for p in paths:
-        try:
-            with fs.open_input_file(p) as f:
-                blobs.append(f.read())
-            errors.append(None)
-        except OSError as e:
-            blobs.append(None)
-            errors.append(f"{display_prefix + p}: cannot read ({e})")
+    read = list(read_listed_files(fs, paths, display_prefix))
+    blobs = [data for _, data, _ in read]
+    errors = [reason for _, _, reason in read]
     return pa.table(
         {"path": pa.array(list(paths), pa.string()), "bytes": pa.array(blobs, pa.binary()), "error": pa.array(errors, pa.string())}
     )

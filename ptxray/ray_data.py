@@ -12,7 +12,9 @@ import os
 import time
 from typing import Any, Iterator, Sequence
 
+import cv2
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from ptxray import cache as cache_mod
@@ -55,36 +57,31 @@ def ray_session(address: str = "", **kwargs: Any) -> Iterator[None]:
             ray.shutdown()
 
 
-def _decode_batch(batch: pa.Table, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str, colour: str = "reject") -> pa.Table:
-    paths = batch.column("path").to_pylist()
-    blobs = batch.column("bytes").to_pylist()
-    rows = [
-        cache_mod.build_row(data, display_prefix + path, labels, pre, rle_scheme, unlabeled, colour)
-        for data, path in zip(blobs, paths)
-    ]
+def _decode_batch(
+    batch: pa.Table, fs, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str, colour: str = "reject"
+) -> pa.Table:
+    """One prepare task: read the batch's files (`path` column) from `fs` and turn each into a
+    cache row; a file that cannot be read is quarantined with the reason, like a bad DICOM."""
+    # One image at a time per task: Ray runs one task per CPU, and OpenCV's default pool (a thread
+    # per core in every worker) would only make the workers' threads fight for the same cores.
+    cv2.setNumThreads(1)
+    rows = []
+    for shown, data, reason in cache_mod.read_listed_files(fs, batch.column("path").to_pylist(), display_prefix):
+        if data is None:
+            rows.append(cache_mod.quarantine_row(shown, reason))
+        else:
+            rows.append(cache_mod.build_row(data, shown, labels, pre, rle_scheme, unlabeled, colour))
     return cache_mod.rows_to_table(rows)
 
 
-@contextlib.contextmanager
-def _io_errors_not_retried() -> Iterator[None]:
-    """Ray Data retries S3 network errors in three nested layers (opening a file, entering it,
-    re-reading the stream), each up to 10 times with backoff up to 32 s: with the endpoint gone, a
-    read task retries for hours and prepare sits at "0/?" saying nothing. pyarrow's own bounded
-    retries (`storage.S3_MAX_ATTEMPTS`) are enough, so datasets built and run in this block retry
-    nothing more."""
-    import warnings
-
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = ctx.retried_io_errors
-    with warnings.catch_warnings():  # "substring matching will be deprecated": moot for no patterns
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx.retried_io_errors = []
-    try:
-        yield
-    finally:
-        ctx.retried_io_errors = saved
+def prepare_tasks(n_files: int, images_per_task: int, cpus: float) -> int:
+    """How many read -> decode -> write tasks `prepare` runs: about `images_per_task` images each,
+    rounded up to a whole number of rounds over the CPUs so that no CPU idles in the last round."""
+    if n_files <= 0:
+        return 0
+    cpus = max(1, int(cpus))
+    tasks = -(-n_files // max(1, images_per_task))
+    return min(n_files, -(-tasks // cpus) * cpus)
 
 
 def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = False) -> dict[str, Any]:
@@ -95,7 +92,7 @@ def prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool = 
     `storage.StorageError` naming the object and the cause; so does a folder without DICOMs
     (FileNotFoundError).
     """
-    with storage.s3_errors(images), _io_errors_not_retried():
+    with storage.s3_errors(images):
         return _prepare(cfg, images=images, labels=labels, cache=cache, force=force)
 
 
@@ -120,26 +117,9 @@ def _prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool) 
     out_fs, out_path = storage.filesystem_and_path(storage.join(parts_uri, "data"))
     display_prefix = "s3://" if images.startswith(("s3://", "s3a://")) else ""
 
-    if paths:
-        ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
-        ds = ds.map_batches(
-            _decode_batch,
-            batch_format="pyarrow",
-            batch_size=cfg.compute.prepare_batch_size,
-            fn_kwargs=dict(
-                labels=label_index,
-                pre=cfg.preprocess,
-                rle_scheme=cfg.data.rle_scheme,
-                unlabeled=cfg.data.unlabeled,
-                display_prefix=display_prefix,
-                colour=cfg.data.colour,
-            ),
-        )
-        ds.write_parquet(out_path, filesystem=out_fs, compression="zstd")
-
-    light = _read_light_columns(out_fs, out_path) if paths else cache_mod.rows_to_table([]).select(cache_mod.LIGHT_COLUMNS)
+    tasks = prepare_tasks(len(paths), cfg.compute.prepare_batch_size, ray.cluster_resources().get("CPU", 1))
+    light = _write_cache_rows(cfg, fs, paths, tasks, label_index, display_prefix, out_fs, out_path)
     prepared = cache_mod.build_index(light, label_index, cfg)
-    import pyarrow.parquet as pq
 
     idx_fs, idx_path = storage.filesystem_and_path(storage.join(parts_uri, "index.parquet"))
     with idx_fs.open_output_stream(idx_path) as f:
@@ -161,10 +141,48 @@ def _prepare(cfg: Config, *, images: str, labels: str, cache: str, force: bool) 
     return dict(summary, reused=False, cache=cache_dir, seconds=round(time.perf_counter() - t0, 2))
 
 
-def _read_light_columns(fs, path: str) -> pa.Table:
-    import pyarrow.dataset as pads
+def _write_cache_rows(cfg: Config, fs, paths: list[str], tasks: int, labels, display_prefix: str, out_fs, out_path: str) -> pa.Table:
+    """The parallel part of `prepare`: `tasks` Ray tasks, each reads a contiguous share of
+    `paths` (the listing's order), turns the files into cache rows and writes them as one Parquet
+    file, `part-NNNNN.parquet`; returns the light columns of all rows, in the listing's order.
 
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cache_mod.LIGHT_COLUMNS)
+    Plain Ray tasks, not a Ray Data pipeline: the files are listed already and each task is
+    independent, so there is nothing for Ray Data's streaming executor to plan, and it cost more
+    than it gave. Its CPU budget comes from a coordinator actor that it starts on first use: until
+    that actor is up and answers, the budget is "0/0 CPU" and nothing runs (55 s before the first
+    task on the demo's freshly started head, 1-3 s in a fresh embedded Ray); inside a placement
+    group, which sidesteps the actor, it ran 31 of 32 tasks one after the other on one worker.
+    Its coordinator and stats actors also cost ~2 s of CPU per run. Here every task is submitted
+    at once, and Ray runs as many as there are CPUs, with no file bytes or rows going through the
+    object store."""
+    out_fs.create_dir(out_path, recursive=True)
+    bounds = [round(i * len(paths) / tasks) for i in range(tasks + 1)] if tasks else [0]
+    labels_ref = ray.put(labels)  # one copy in the object store, not one per task
+    part = ray.remote(num_cpus=1)(_prepare_part)
+    refs = [
+        part.remote(
+            paths[a:b], fs, labels_ref, cfg.preprocess, cfg.data.rle_scheme, cfg.data.unlabeled, display_prefix,
+            cfg.data.colour, out_fs, f"{out_path}/part-{i:05d}.parquet",
+        )
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        if b > a
+    ]  # fmt: skip
+    try:
+        light = ray.get(refs)
+    except BaseException:
+        for ref in refs:  # a failed or interrupted prepare leaves no task running
+            ray.cancel(ref, force=True)
+        raise
+    return pa.concat_tables(light) if light else cache_mod.rows_to_table([]).select(cache_mod.LIGHT_COLUMNS)
+
+
+def _prepare_part(paths: list[str], fs, labels, pre, rle_scheme: str, unlabeled: str, display_prefix: str, colour: str,
+                  out_fs, out_file: str) -> pa.Table:  # fmt: skip
+    """One prepare task: rows of `paths` -> `out_file` (Parquet); returns their light columns."""
+    table = _decode_batch(pa.table({"path": pa.array(paths, pa.string())}), fs, labels, pre, rle_scheme, unlabeled, display_prefix, colour)
+    with out_fs.open_output_stream(out_file) as f:
+        pq.write_table(table, f, **cache_mod.PARQUET_WRITE_OPTIONS)
+    return table.select(cache_mod.LIGHT_COLUMNS)
 
 
 def _remove_unfinished_attempts(cache_dir: str) -> None:

@@ -44,11 +44,23 @@ def _mixed_folder(root: Path) -> tuple[Path, Path, dict[str, str]]:
     return images, labels, {"not-dicom.dcm": "not DICOM", "truncated.dcm": "truncated", "empty.dcm": "", "duplicate.dcm": "duplicate"}
 
 
-def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
+def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path, monkeypatch):
+    from ray.data._internal.execution import streaming_executor
+
     from ptxray import ray_data
 
+    # Whether a Ray Data streaming executor runs (a spy on the real function that makes its CPU budget).
+    budgets: list[str] = []
+    create = streaming_executor.create_cluster_autoscaler
+    monkeypatch.setattr(
+        streaming_executor, "create_cluster_autoscaler",
+        lambda *a, **k: budgets.append(type(made := create(*a, **k)).__name__) or made,
+    )  # fmt: skip
     images, labels, bad = _mixed_folder(tmp_path)
     summary = ray_data.prepare(CFG, images=str(images), labels=str(labels), cache=str(tmp_path / "cache"))
+    # No Ray Data executor: its budget comes from a coordinator actor, and until that actor is up
+    # it sees "0/0 CPU" and runs nothing (the demo's 55 s stall; ray_data._write_cache_rows).
+    assert budgets == []
 
     assert summary["reused"] is False
     assert summary["dicoms_listed"] == 10 + 4 + 1
@@ -81,6 +93,19 @@ def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
         np.testing.assert_array_equal(mask, resize_mask(truth.mask(image_id), 64))
     assert any(m.any() for m in masks)
 
+    # One Parquet file per prepare task (read, decode and write fused in one task); the pixels
+    # stored uncompressed without dictionaries or statistics, everything else zstd.
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(c.data_uri).glob("*.parquet"))
+    assert len(files) == ray_data.prepare_tasks(15, CFG.compute.prepare_batch_size, 4)  # ray_local: 4 CPUs
+    meta = pq.ParquetFile(files[0]).metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert chunks["image"].compression == "UNCOMPRESSED" and not chunks["image"].is_stats_set
+    assert not any("DICTIONARY" in e for e in chunks["image"].encodings + chunks["mask"].encodings)
+    assert {chunks[k].compression for k in ("mask", "image_id", "path", "label")} == {"ZSTD"}
+    assert chunks["image_id"].is_stats_set
+
     # Fold splits are disjoint and cover every image.
     train, val = c.split_ids(0)
     assert not set(train) & set(val) and len(train) + len(val) == 10
@@ -98,6 +123,59 @@ def test_prepare_mixed_folder_counts_and_contents(ray_local, tmp_path):
         list(c.iter_arrays([train[0], "no-such-image"], batch_size=4))
     with pytest.raises(ValueError, match="batch_size"):
         next(iter(c.iter_arrays(train, batch_size=0)))
+
+
+def test_rows_to_table_builds_the_pixel_columns_pyarrow_would(monkeypatch):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    image, mask = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), rng.integers(0, 2, (8, 8), dtype=np.uint8)
+
+    def row(i: int, image, mask, error=None) -> dict:
+        light = dict.fromkeys(cache_mod.LIGHT_COLUMNS)
+        return dict(light, image_id=f"id{i}", path=f"p{i}.dcm", error=error, labelled=error is None, image=image, mask=mask)
+
+    rows = [row(0, image, mask), row(1, None, None, "p1.dcm: truncated"), row(2, image[::-1].copy().tobytes(), b"")]
+    as_bytes = [dict(r, **{k: r[k].tobytes() if isinstance(r[k], np.ndarray) else r[k] for k in ("image", "mask")}) for r in rows]
+    expected = pa.Table.from_pylist(as_bytes, schema=cache_mod.ROW_SCHEMA)
+    assert cache_mod.rows_to_table(rows).equals(expected)
+    assert cache_mod.rows_to_table([]).equals(pa.Table.from_pylist([], schema=cache_mod.ROW_SCHEMA))
+    # Columns over the int32 offsets' limit are split into chunks (the limit made small here).
+    monkeypatch.setattr(cache_mod, "MAX_BINARY_CHUNK_BYTES", 200)
+    table = cache_mod.rows_to_table(rows)
+    assert table.column("image").num_chunks == 2 and table.equals(expected)
+
+
+def test_prepare_tasks_cover_the_files_in_whole_rounds_over_the_cpus():
+    from ptxray.ray_data import prepare_tasks
+
+    assert prepare_tasks(2000, 64, 2) == 32
+    assert prepare_tasks(400, 64, 4) == 8  # 7 tasks of 64 would leave 3 CPUs idle in the last round
+    assert prepare_tasks(15, 64, 4) == 4 and prepare_tasks(3, 64, 4) == 3 and prepare_tasks(0, 64, 4) == 0
+    assert prepare_tasks(10, 64, 0.5) == 1
+
+
+def test_prepare_decodes_with_one_opencv_thread(ray_local, tmp_path):
+    """OpenCV's default pool (a thread per core) in every Ray worker would only make the workers'
+    threads fight for the cores: the prepare tasks run OpenCV single-threaded."""
+    import cv2
+    import pyarrow as pa
+
+    from ptxray import ray_data
+
+    path = sorted((SIIM_SAMPLE / "sample-images").glob("*.dcm"))[0]
+    batch = pa.table({"path": [str(path)]})
+    labels = read_labels(str(SIIM_SAMPLE / "train-rle-sample.csv"))
+
+    @ray_local.remote
+    def decode_in_a_worker(batch: pa.Table) -> tuple[int, int]:
+        import pyarrow.fs as pafs
+
+        cv2.setNumThreads(4)  # what a worker has by default on a 4-core machine
+        table = ray_data._decode_batch(batch, pafs.LocalFileSystem(), labels, CFG.preprocess, "siim", "skip", "")
+        return table.num_rows, cv2.getNumThreads()
+
+    assert ray_local.get(decode_in_a_worker.remote(batch)) == (1, 1)
 
 
 def test_second_run_reuses_the_cache_and_decodes_nothing(ray_local, tmp_path):
