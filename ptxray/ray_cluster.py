@@ -2,10 +2,12 @@
 optionally extra worker nodes on the same machine, started with the real `ray start` CLI.
 
 Every port is chosen free (never Ray's defaults 6379/8265/10001/52365, which other clusters on a
-shared machine use), the dashboard binds to 127.0.0.1 only, and the token lives in the state dir
-(never ~/.ray/auth_token, which other clusters on the machine read). `ray stop` is not scoped: it
-kills every Ray process on the machine, so `stop_local_cluster` stops exactly our processes,
-found by a marker variable in their environment and by the process tree under them.
+shared machine use), a single-node cluster listens on 127.0.0.1 only (GCS, raylet, agents,
+dashboard, Ray client server, workers), and the token lives in the state dir (never
+~/.ray/auth_token, which other clusters on the machine read). `ray stop` is not scoped: it kills
+every Ray process on the machine, so `stop_local_cluster` stops exactly our processes, found by a
+marker variable in their environment and by the process tree under them; a Ctrl-C or SIGTERM
+during the stop is held until it is done.
 
     cluster = start_local_cluster(".ptxray/cluster", workers=1)
     job_id, status = submit_job(cluster, "python jobs/kfold.py --config kfold")
@@ -123,7 +125,7 @@ class LocalCluster:
 
 def _free_ports(n: int) -> list[int]:
     """n distinct ports free right now. All sockets stay open until the end so none repeats.
-    Bound on all interfaces because the GCS and raylet listen on all of them."""
+    Bound on all interfaces: a port someone else holds on any address is not free for us."""
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -426,9 +428,20 @@ def start_local_cluster(
             **_node_ports(ranges),
         }
         head_args = [_ray_exe(), "start", "--head", "--disable-usage-stats", *_flags(head)]
-        _run_ray_start(head_args, env, start_log, timeout_s)
-        # Ray replaces a loopback --node-ip-address with the machine's address (it wants nodes
-        # reachable from elsewhere), so the GCS address is read back from what `ray start` wrote.
+        head_env = env
+        if workers == 0:
+            head_args += ["--node-ip-address", "127.0.0.1"]
+            # Ray's servers (GCS, raylet, agents, client server, workers) listen on loopback only
+            # when the node's address is 127.0.0.1, but `ray start` swaps a loopback address for
+            # the machine's, except in the single-machine mode it runs on macOS and Windows, which
+            # this variable selects (ray._private.services.get_node_ip_address). That mode refuses
+            # extra nodes, so a cluster with `workers` binds as Ray does by default.
+            head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        else:
+            log.warning("a cluster with extra worker nodes listens on the machine's address, not on loopback only")
+        _run_ray_start(head_args, head_env, start_log, timeout_s)
+        # The GCS address is read back from what `ray start` wrote (with extra nodes, Ray replaces
+        # a loopback address with the machine's).
         gcs_address = (temp_dir / "ray_current_cluster").read_text().strip() or gcs_address
         token = token_path.read_text().strip()
         hint = f"{temp_dir}/session_latest/logs"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -94,6 +95,65 @@ def test_failed_ray_start_leaves_no_process_behind(tmp_path):
     assert survivors == []
     assert not Path(temp_dir).exists()
     assert not (state / "cluster.json").exists() and not (state / "auth_token").exists()
+
+
+def _listening(pids: set[int]) -> list[tuple[str, str, str]]:
+    """(process name, local address, port) of every TCP/UDP socket that one of `pids` listens on,
+    as iproute2's `ss` reports them (TCP LISTEN, UDP UNCONN)."""
+    out = subprocess.run(["ss", "-H", "-l", "-t", "-u", "-n", "-p"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        users = re.findall(r'\("([^"]*)",pid=(\d+)', line)
+        if not any(int(pid) in pids for _, pid in users):
+            continue
+        host, port = line.split()[4].rsplit(":", 1)
+        found.append((users[0][0], host.strip("[]"), port))
+    return found
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:  # "*": every address
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_cluster_up_listens_on_loopback_only(tmp_path, capsys):
+    """`ptxray cluster up`, then a job with a task and an actor (so workers and the job driver are
+    up too): every socket that any process of the cluster listens on is bound to loopback."""
+    state, job = tmp_path / "state", tmp_path / "job"
+    job.mkdir()
+    (job / "hold.py").write_text(
+        "import pathlib, sys, time, ray\n"
+        "ray.init()\n"
+        "@ray.remote\n"
+        "class Echo:\n"
+        "    def ping(self):\n"
+        "        return 1\n"
+        "echo = Echo.remote()\n"
+        "assert ray.get(echo.ping.remote()) == 1 and ray.get(ray.remote(lambda: 2).remote()) == 2\n"
+        "pathlib.Path(sys.argv[1], 'ready').touch()\n"
+        "while not pathlib.Path(sys.argv[1], 'release').exists():\n"
+        "    time.sleep(0.2)\n"
+    )
+    assert main(["cluster", "up", "--state-dir", str(state), "--dashboard-port", "0", "--num-cpus", "2"]) == 0
+    cluster = ray_cluster.load_cluster(state)
+    try:
+        job_id, _ = ray_cluster.submit_job(cluster, f"python hold.py {tmp_path}", working_dir=job, follow=False)
+        _wait("the job's actor and task", lambda: (tmp_path / "ready").exists() or ray_cluster.job_info(cluster, job_id)["status"] == "FAILED")
+        assert (tmp_path / "ready").exists(), ray_cluster.job_logs(cluster, job_id)
+        listening = _listening(set(ray_cluster.alive_pids(cluster)))
+        names = {name for name, _, _ in listening}
+        assert {"gcs_server", "raylet"} <= names, listening  # the check sees the servers at all
+        assert [x for x in listening if not _loopback(x[1])] == []
+        assert cluster.gcs_address.startswith("127.0.0.1:")
+        (tmp_path / "release").touch()
+    finally:
+        assert main(["cluster", "down", "--state-dir", str(state)]) == 0
+    capsys.readouterr()
 
 
 def test_jobs_api_needs_the_token(local_cluster):
