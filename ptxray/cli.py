@@ -386,9 +386,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ptxray.demo import run_demo
+    from ptxray.demo import Interrupted, run_demo
 
-    return run_demo(Path(args.workdir), n=args.n)
+    try:
+        return run_demo(
+            Path(args.workdir), n=args.n, config=args.config, overrides=args.overrides,
+            max_concurrent_trials=args.max_concurrent_trials,
+        )
+    except (Interrupted, KeyboardInterrupt) as e:
+        e.signum = getattr(e, "signum", 2)
+        print(
+            f"\nptxray demo: {e}; the job and the local Ray head it started are stopped. "
+            "Run it again (`make demo`) to resume the experiment.",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
 
 
 def _export_line(cluster) -> str:
@@ -585,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="what `make demo` runs: synthetic data -> local Ray head -> ray job submit jobs/kfold.py")
     p.add_argument("--workdir", default="demo-data")
     p.add_argument("--n", type=int, default=400, help="number of synthetic images")
+    p.add_argument("--config", default="demo", help="experiment recipe (tests run a smaller one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-concurrent-trials", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cluster", help="a local Ray head (dashboard + Jobs API, token auth) for `ray job submit`")

@@ -16,6 +16,7 @@ during the stop is held until it is done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,16 +24,18 @@ import random
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import psutil
 
@@ -61,6 +64,10 @@ _INHERITED_RAY_VARS = (
     "RAY_AUTH_TOKEN_PATH",
     "RAY_AUTH_MODE",
 )
+
+
+# Deferred while a cluster is being stopped (SIGHUP: the terminal that ran us was closed).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ClusterError(RuntimeError):
@@ -271,6 +278,25 @@ def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """While the cluster is being stopped, a Ctrl-C or SIGTERM must not cut the stop short (that
+    is what leaves a GCS behind): the signal is held and delivered again once the block is done.
+    Python handles signals in the main thread only; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
 def _name(p: psutil.Process) -> str:
     try:
         return p.name()
@@ -345,7 +371,11 @@ def _run_ray_start(args: list[str], env: dict[str, str], log_path: Path, timeout
         out.write(f"$ {shlex.join(args)}\n".encode())
         out.flush()
         try:
-            rc = subprocess.run(args, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            # Its own session: a Ctrl-C in our terminal reaches us, and we stop what it started,
+            # instead of reaching `ray start` halfway through starting the daemons.
+            rc = subprocess.run(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, start_new_session=True
+            ).returncode
         except subprocess.TimeoutExpired as e:
             raise ClusterError(f"`ray start` did not return in {timeout_s:.0f} s; see {log_path}") from e
     if rc != 0:
@@ -397,7 +427,8 @@ def start_local_cluster(
         old = load_cluster(state)
         if alive_pids(old):
             raise ClusterError(
-                f"{state}: a cluster is already running here (dashboard {old.dashboard_url}); stop it first"
+                f"{state}: a cluster is already running here (dashboard {old.dashboard_url}); "
+                f"stop it with `ptxray cluster down --state-dir {state}`"
             )
         stop_local_cluster(old)  # stale record: clean what is left of it
 
@@ -506,6 +537,11 @@ def stop_local_cluster(state_dir_or_cluster: str | os.PathLike | LocalCluster, g
     """Stop exactly the processes of this cluster (raylets first, the GCS last, as `ray stop`
     orders them, so no component waits on one already gone), then remove its temp dir and record."""
     c = state_dir_or_cluster if isinstance(state_dir_or_cluster, LocalCluster) else load_cluster(state_dir_or_cluster)
+    with _signals_deferred():
+        _stop(c, grace_s)
+
+
+def _stop(c: LocalCluster, grace_s: float) -> None:
     procs = cluster_processes(c)  # the whole tree now: once parents die, children reparent to init
     raylet_tree: dict[int, psutil.Process] = {}
     for p in procs:
@@ -589,17 +625,29 @@ def submit_job(
     if not follow:
         args.append("--no-wait")
     args += ["--", *shlex.split(entrypoint)]
+    # Its own session: a Ctrl-C in our terminal is ours to handle (the CLI would only stop tailing
+    # and say the job goes on); if we are stopped, the client goes with us (`finally`).
     proc = subprocess.Popen(
-        args, env=_client_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        args, env=_client_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        start_new_session=True,
     )
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        # Re-emitted line by line (not inherited fds) so callers that capture sys.stdout see it.
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        tail = (tail + [line])[-20:]
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            # Re-emitted line by line (not inherited fds) so callers that capture sys.stdout see it.
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail = (tail + [line])[-20:]
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     code, body = _get(f"{cluster.dashboard_url}/api/jobs/{job_id}", cluster.token())
     if code != 200:
         raise ClusterError(f"`ray job submit` of {entrypoint!r} failed (exit code {rc}):\n{''.join(tail)}")
