@@ -386,6 +386,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import signal
+
     from ptxray.demo import Interrupted, run_demo
 
     try:
@@ -394,13 +396,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             max_concurrent_trials=args.max_concurrent_trials,
         )
     except (Interrupted, KeyboardInterrupt) as e:
-        e.signum = getattr(e, "signum", 2)
+        # KeyboardInterrupt: a Ctrl-C before or after run_demo's own handlers, nothing started yet or left.
+        signum = getattr(e, "signum", signal.SIGINT)
         print(
-            f"\nptxray demo: {e}; the job and the local Ray head it started are stopped. "
-            "Run it again (`make demo`) to resume the experiment.",
+            f"\nptxray demo: stopped by {signal.Signals(signum).name}; the job and the local Ray head it started "
+            "are stopped. Run it again (`make demo`) to resume the experiment.",
             file=sys.stderr,
         )
-        return 128 + e.signum
+        return 128 + signum
 
 
 def _export_line(cluster) -> str:
