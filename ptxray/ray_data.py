@@ -153,8 +153,8 @@ def _write_cache_rows(cfg: Config, fs, paths: list[str], tasks: int, labels, dis
     task on the demo's freshly started head, 1-3 s in a fresh embedded Ray); inside a placement
     group, which sidesteps the actor, it ran 31 of 32 tasks one after the other on one worker.
     Its coordinator and stats actors also cost ~2 s of CPU per run. Here every task is submitted
-    at once, and Ray runs as many as there are CPUs, with no file bytes or rows going through the
-    object store."""
+    at once, and Ray runs as many as there are CPUs; no file bytes or pixels go through the object
+    store, only each task's light columns come back."""
     out_fs.create_dir(out_path, recursive=True)
     bounds = [round(i * len(paths) / tasks) for i in range(tasks + 1)] if tasks else [0]
     labels_ref = ray.put(labels)  # one copy in the object store, not one per task
