@@ -1,7 +1,8 @@
 """Ingest benchmark: decode + preprocess cost against a bare libjpeg-turbo decode, pipeline
 throughput, and driver memory against dataset size.
 
-    .venv/bin/python benchmarks/ingest.py [--sizes 200 2000] [--repeats 10] [--out benchmarks/results/ingest.json]
+    .venv/bin/python benchmarks/ingest.py [--sizes 200 2000] [--repeats 10] [--pipeline-repeats 2] [--cpus N]
+        [--out benchmarks/results/ingest.json]
 
 1. Per image, on the same JPEG Baseline DICOM bytes (the real SIIM samples plus synthetic ones),
    timed back to back for each file and repeat:
@@ -23,8 +24,13 @@ throughput, and driver memory against dataset size.
    baseline, and the same in every run.
    `stages_ms` splits the ptxray column (each stage timed on its own, same statistic), and
    `reduced_vs_full_decode` gives the pixel difference of the 1/2-scale path per channel.
-2. `prepare` through Ray Data on all cores, one fresh driver process per dataset size: images/s
-   and the driver's peak RSS, which must not grow with the number of images.
+2. `prepare` through Ray Data on all cores (`--cpus`), a fresh driver process per run: images/s;
+   `efficiency` = images/s / (CPUs / the per-image CPU seconds of 1., synthetic files), i.e. the
+   share of what the cores could do if they only decoded and preprocessed; the CPU seconds of
+   every process during the run (driver, Ray's daemons, workers) and `cpu_efficiency` = per-image
+   CPU / all CPU per image, the bound that wall-clock efficiency reaches on an idle machine and the
+   figure to read when other jobs share the cores; the driver's peak RSS, which must not grow with
+   the number of images.
 """
 
 from __future__ import annotations
@@ -167,33 +173,66 @@ def reduced_vs_full(blobs: list[bytes]) -> dict:
 
 
 PREPARE_CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
+import psutil
 from ptxray import ray_data
 from ptxray.config import load_config
-data, cache, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data, cache, size, cpus = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = load_config(None, [f"preprocess.image_size_px={size}"])
-ray_data.init_ray("")
+ray_data.init_ray("", num_cpus=cpus)
 from ray.data import DataContext
 DataContext.get_current().enable_progress_bars = False
+me = psutil.Process()
+
+def cpu_by_process():
+    # Every process of the embedded Ray is a descendant of this driver (GCS, raylet, dashboard,
+    # workers): their user + system CPU seconds, keyed by pid, with what they are.
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            name = "driver" if p.pid == me.pid else " ".join(p.cmdline()[:1]).rsplit("/", 1)[-1]
+            out[p.pid] = (name, t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+before = cpu_by_process()
 t = time.perf_counter()
 s = ray_data.prepare(cfg, images=data + "/dicom-images-train", labels=data + "/train-rle.csv", cache=cache, force=True)
 dt = time.perf_counter() - t
+after = cpu_by_process()
+groups = {}
+for pid, (name, cpu) in after.items():
+    group = "driver" if name == "driver" else "ray_workers" if name.startswith("ray::") else "ray_system"
+    groups[group] = groups.get(group, 0.0) + cpu - before.get(pid, (name, 0.0))[1]
 print(json.dumps({"images": s["images"], "seconds": round(dt, 2), "images_per_s": round(s["images"] / dt, 1),
+                  "cpu_seconds": {k: round(v, 2) for k, v in sorted(groups.items())},
                   "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
 
-def pipeline(n: int, workdir: Path, size: int) -> dict:
+def pipeline(n: int, workdir: Path, size: int, cpus: int, per_image_cpu_ms: float) -> dict:
+    """One `prepare` of n synthetic 1024 px DICOMs in a fresh driver with an embedded Ray of `cpus`
+    CPUs. efficiency = images/s over what `cpus` cores would do at `per_image_cpu_ms` each
+    (read_dicom + make_channels alone, measured in this run); cpu_efficiency = that per-image CPU
+    over the CPU all processes spent per image (driver, Ray's daemons, workers), which wall-clock
+    efficiency approaches on an otherwise idle machine and which load on the machine disturbs less."""
     from ptxray.synth import generate
 
     data = workdir / f"synth-{n}"
     if not (data / "train-rle.csv").exists():
         generate(str(data), n=n, size=1024, positive_rate=0.22, seed=1)
     out = subprocess.run(
-        [sys.executable, "-c", PREPARE_CHILD, str(data), str(workdir / f"cache-{n}"), str(size)],
+        [sys.executable, "-c", PREPARE_CHILD, str(data), str(workdir / f"cache-{n}"), str(size), str(cpus)],
         capture_output=True, text=True, check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    cpu_ms_per_image = sum(run["cpu_seconds"].values()) / run["images"] * 1e3
+    run["cpu_ms_per_image"] = round(cpu_ms_per_image, 2)
+    run["efficiency"] = round(run["images_per_s"] / (cpus / (per_image_cpu_ms / 1e3)), 3)
+    run["cpu_efficiency"] = round(per_image_cpu_ms / cpu_ms_per_image, 3)
+    return run
 
 
 def main() -> None:
@@ -201,6 +240,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[200, 2000], help="dataset sizes of the prepare runs (none: skip)")
     ap.add_argument("--cache-size", type=int, default=512, help="image_size_px of the cache in the pipeline runs")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--pipeline-repeats", type=int, default=2, help="prepare runs per dataset size (each in a fresh driver)")
+    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)), help="CPUs of the embedded Ray in the prepare runs")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
     args = ap.parse_args()
@@ -229,7 +270,13 @@ def main() -> None:
     result["per_image_opencv_default_threads"] = {
         name: per_image(blobs, args.repeats, threads=None, stages=False) for name, blobs in sets.items()}
     print(json.dumps(result, indent=2), flush=True)
-    result["pipeline"] = [dict(n=n, **pipeline(n, workdir, args.cache_size)) for n in args.sizes]
+    # The per-image CPU cost the pipeline's efficiency is measured against: the synthetic 1024 px
+    # files, like the pipeline's, read at half scale and preprocessed to 512 px.
+    per_image_ms = result["per_image"]["synthetic"]["cpu_ms"]["ptxray"]
+    result["pipeline"] = [
+        dict(n=n, repeat=r, cpus=args.cpus, per_image_cpu_ms=per_image_ms, **pipeline(n, workdir, args.cache_size, args.cpus, per_image_ms))
+        for n in args.sizes for r in range(args.pipeline_repeats)
+    ]
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
