@@ -189,8 +189,12 @@ def _ray_exe() -> str:
     return found
 
 
-def _cluster_env(cluster_id: str, token_path: Path) -> dict[str, str]:
-    """Environment of every process of the cluster (inherited by workers and job drivers)."""
+def _cluster_env(cluster_id: str, token_path: Path, dashboard_url: str) -> dict[str, str]:
+    """Environment of every process of the cluster (inherited by workers and job drivers).
+
+    RAY_API_SERVER_ADDRESS is the cluster's own dashboard: State API and job clients inside the
+    cluster that are given no address (Ray Train's placement-group cleaner) would otherwise scan
+    this machine for "the" cluster and fail when another Ray instance runs here (ptxray.ray_hooks)."""
     env = {k: v for k, v in os.environ.items() if k not in _INHERITED_RAY_VARS}
     # Job entrypoints (`python jobs/kfold.py`) resolve `python` on the raylet's PATH: put this
     # interpreter's bin dir first so jobs run in the same environment as ptxray.
@@ -199,6 +203,7 @@ def _cluster_env(cluster_id: str, token_path: Path) -> dict[str, str]:
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_API_SERVER_ADDRESS=dashboard_url,
         **{MARKER_ENV: cluster_id},
     )
     return env
@@ -436,13 +441,13 @@ def start_local_cluster(
     token_path = state / TOKEN_FILE
     _write_token(token_path)
     temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp"))
-    env = _cluster_env(cluster_id, token_path)
     start_log = state / "ray-start.log"
     start_log.write_text("")
 
     gcs_port, dashboard_port = (p or free for p, free in zip((gcs_port, dashboard_port), _free_ports(2)))
     gcs_address = f"127.0.0.1:{gcs_port}"  # until `ray start` tells us the address it chose
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    env = _cluster_env(cluster_id, token_path, dashboard_url)
     partial = LocalCluster(state, gcs_address, dashboard_url, token_path, temp_dir, [], cluster_id)
     ranges: list[tuple[int, int]] = []
     deadline = time.monotonic() + timeout_s

@@ -21,6 +21,7 @@ from ptxray import cache as cache_mod
 from ptxray import storage
 from ptxray.config import Config
 from ptxray.masks import read_labels
+from ptxray.ray_hooks import with_worker_setup_hook
 
 log = logging.getLogger("ptxray")
 
@@ -42,6 +43,9 @@ def init_ray(address: str = "", **kwargs: Any) -> bool:
         # placement-group cleaner polls; without it a stopped trial's resources are never freed.
         kwargs.setdefault("include_dashboard", True)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        # Its workers' address-less State API calls must find this cluster, not fail on another
+        # Ray instance on this machine (ptxray.ray_hooks).
+        kwargs["runtime_env"] = with_worker_setup_hook(kwargs.get("runtime_env"))
         ray.init(address="local", **kwargs)
     return True
 

@@ -128,20 +128,18 @@ def ray_local(moto_s3):
     """An embedded local Ray of our own (never someone else's cluster), with a short temp dir."""
     import ray
 
+    from ptxray.ray_data import init_ray
+
     temp_dir = tempfile.mkdtemp(prefix="ptxr-", dir="/tmp")
+
+    # ptxray's own embedded start (address ""; RAY_ADDRESS is not set in tests): the dashboard on
+    # 127.0.0.1 (it serves the State API, which Ray Train's placement-group cleaner polls: without it
+    # a stopped trial's placement group, its CPUs, is never released) and the workers' setup hook
+    # that points that cleaner at this cluster when other Ray instances run here.
+    assert "RAY_ADDRESS" not in os.environ, "tests start their own Ray; unset RAY_ADDRESS"
     # Four logical CPUs on two cores: a 1-CPU Train worker, the Ray Data reads and metadata tasks
     # that feed it, and a finishing trial's cleanup must all find room, or a trial waits forever.
-    ray.init(
-        address="local",
-        num_cpus=4,
-        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls: without
-        # it a stopped trial's placement group (its CPUs) is never released. Bound to 127.0.0.1.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    init_ray("", num_cpus=4, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

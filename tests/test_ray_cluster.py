@@ -284,7 +284,24 @@ def test_dashboard_listens_on_loopback_only(local_cluster):
     assert set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
 
-def test_ray_job_submit_runs_on_both_nodes(local_cluster, tmp_path, capsys):
+def test_workers_state_api_finds_their_own_cluster_while_another_ray_runs_here(ray_local, local_cluster):
+    """Two Ray instances on this machine (the embedded one and `local_cluster`): an address-less
+    State API call in a worker, as Ray Train's placement-group cleaner makes, must answer for the
+    worker's own cluster instead of failing with "Found multiple active Ray instances"."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def state_api_nodes() -> list[str]:
+        from ray.util.state import list_nodes
+
+        return [n.node_id for n in list_nodes()]
+
+    assert ray.get(state_api_nodes.remote(), timeout=120) == [ray.get_runtime_context().get_node_id()]
+
+
+def test_ray_job_submit_runs_on_both_nodes(ray_local, local_cluster, tmp_path, capsys):
+    # ray_local: a second Ray instance on this machine, which the job's address-less State API
+    # call (the placement-group cleaner's kind) must not stumble on.
     job = tmp_path / "job"
     job.mkdir()
     (job / "probe.py").write_text(
@@ -294,6 +311,8 @@ def test_ray_job_submit_runs_on_both_nodes(local_cluster, tmp_path, capsys):
         "ray.init()\n"
         "@ray.remote(num_cpus=1)\n"
         "def where():\n"
+        "    from ray.util.state import list_nodes\n"
+        "    assert len(list_nodes()) == 2, 'the State API answered for another cluster'\n"
         "    return ray.get_runtime_context().get_node_id()\n"
         "alive = [n for n in ray.nodes() if n['Alive']]\n"
         # STRICT_SPREAD puts each bundle on its own node, so the placement group is ready only when
