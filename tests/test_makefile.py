@@ -13,8 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _plan(target: str, venv: Path) -> list[str]:
+    # A plain, top-level make: under `make test` this runs as a sub-make, which would inherit
+    # MAKEFLAGS/MAKELEVEL and print "make[1]: Entering/Leaving directory" lines into the plan.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     out = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True, env=env,
     ).stdout
     return out.splitlines()
 

@@ -1,6 +1,5 @@
 import json
 import math
-import socket
 from datetime import timedelta
 
 import pytest
@@ -182,19 +181,15 @@ def test_all_reduce_is_a_noop_without_distributed():
     _assert_same(metrics.all_reduce_().compute(), before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
+def _rank_worker(rank: int, world_size: int, tmp: str) -> None:
     """One simulated Ray Train worker: its shard of the batch, then all_reduce_ (gloo)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # Rendezvous through a file: a port picked free beforehand can be taken by another process
+    # before rank 0 listens on it (EADDRINUSE on a busy machine).
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size,
         timeout=timedelta(seconds=60),
     )
     try:
@@ -228,7 +223,7 @@ def test_all_reduce_over_two_gloo_ranks_equals_single_process(tmp_path):
     expected = single.compute()
     assert 0 < expected["val_n_positive"] < expected["val_n_images"]
 
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         _assert_same(got["shard"], expected)
