@@ -338,11 +338,12 @@ def build_index(light: pa.Table, labels: Labels, cfg: Config) -> PreparedIndex:
 
 
 def read_manifest(cache_dir: str) -> dict[str, Any] | None:
-    """The manifest of a cache directory (URI), or None when there is no complete cache there."""
-    fs, path = storage.filesystem_and_path(cache_dir)
+    """The manifest of a cache directory (URI), or None when there is no complete cache there.
+
+    A manifest that is not a JSON object is a ValueError naming it (a damaged cache is not a
+    missing one: preparing over it would hide the damage)."""
     try:
-        with fs.open_input_stream(storage.join(path, "manifest.json")) as f:
-            return json.loads(f.read())
+        return storage.read_json_object(storage.join(cache_dir, "manifest.json"))
     except (FileNotFoundError, OSError):
         return None
 

@@ -442,3 +442,11 @@ def test_s3_endpoint_killed_during_prepare_fails_with_one_line_instead_of_hangin
     assert re.fullmatch(
         rf"ptxray prepare: error: s3://ptx-doomed/\S+: cannot reach the S3 endpoint {re.escape(doomed.endpoint)} after 3 tries \(.+\)", last
     ), last
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]"])
+def test_a_garbage_cache_manifest_is_named(tmp_path, content):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "manifest.json"))):
+        cache_mod.Cache.open(str(tmp_path))
+    assert cache_mod.read_manifest(str(tmp_path / "elsewhere")) is None  # a missing one is no cache
