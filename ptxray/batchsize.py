@@ -28,7 +28,6 @@ the first measurement of a process is exact and later ones are upper bounds.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import logging
@@ -309,26 +308,13 @@ def _sample_batch(sample: tuple[np.ndarray, np.ndarray] | None, batch_size: int,
 
 
 def _train_step(model, batch, optimizer, loss_fn, device, amp: bool, channels_last: bool, grad_clip_norm: float) -> None:
-    """One optimizer step as `engine.train_epoch` takes it, without its all-reduces: a Ray Train
-    worker runs the search inside a process group, and ranks whose tries fail at different sizes
-    would wait for each other in a collective forever."""
-    image = batch["image"].to(device)  # (B, C, H, W)
-    mask = batch["mask"].to(device)  # (B, 1, H, W)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    with autocast:
-        if getattr(model, "loss_from_targets", False):  # maskrcnn: the loss comes from the model
-            loss = sum(model(image, mask).values())
-        else:
-            seg_logits, cls_logits = model(image)
-    if not getattr(model, "loss_from_targets", False):
-        loss = loss_fn(seg_logits.float(), cls_logits.float(), mask, batch["label"].to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-    optimizer.step()
+    """One optimizer step as `engine.train_epoch` takes it (`engine.train_step`), without the
+    epoch's all-reduces: a Ray Train worker runs the search inside a process group, and ranks whose
+    tries fail at different sizes would wait for each other in a collective forever."""
+    from ptxray.engine import batch_to_device, train_step
+
+    image, mask, label = batch_to_device(batch, torch.device(device), channels_last)
+    train_step(model, image, mask, label, optimizer, loss_fn, amp=amp, grad_clip_norm=grad_clip_norm)
 
 
 def training_probe(

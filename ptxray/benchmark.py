@@ -44,7 +44,6 @@ result rows, which `write_report` turns into CSV, JSON, PNG plots and a Markdown
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.metadata
 import json
@@ -77,6 +76,7 @@ from ptxray.batchsize import (
 from ptxray.cache import Cache
 from ptxray.config import Config
 from ptxray.engine import (
+    autocast,
     batch_from_numpy,
     build_optimizer,
     build_scheduler,
@@ -496,7 +496,7 @@ def _time_model(
     runnable.eval()
 
     def infer_steps(k: int) -> None:
-        with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()):
+        with torch.no_grad(), autocast(device, amp):
             for _ in range(k):
                 runnable(val_image)
 

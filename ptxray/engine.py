@@ -116,13 +116,15 @@ def uint8_batch(
     return {"image": out[0], "mask": out[1]}
 
 
-def _batch_to_device(
+def batch_to_device(
     batch: Mapping[str, Tensor],
     device: torch.device,
     channels_last: bool,
     augment: DeviceAugmentFn | None = None,
     generator: torch.Generator | None = None,
-):
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch dict -> (image float (B, C, H, W) in [0, 1], mask float (B, 1, H, W), label (B, 1)) on
+    `device`; uint8 images are scaled on the device, and `augment` (with `generator`) runs there."""
     try:
         image, mask = batch["image"], batch["mask"]
     except (KeyError, TypeError):
@@ -159,9 +161,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _autocast(device: torch.device, amp: bool):
-    # bf16 has float32's exponent range, so no GradScaler is needed (unlike fp16).
-    if amp and device.type == "cuda":
+def autocast(device: torch.device | str, amp: bool):
+    """bf16 autocast on CUDA when `amp`, a no-op otherwise (CPU, MPS, amp off): the one mixed-
+    precision policy of training, evaluation, the batch-size search, the benchmark and predict.
+    bf16 has float32's exponent range, so no GradScaler is needed (unlike fp16)."""
+    if amp and torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -286,6 +290,50 @@ def step_epoch_scheduler(scheduler: Any, monitored_value: float) -> None:
 
 
 # ---- one epoch ------------------------------------------------------------------------------
+def train_step(
+    model: nn.Module,
+    image: Tensor,
+    mask: Tensor,
+    label: Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module | None,
+    *,
+    amp: bool = False,
+    grad_clip_norm: float = 0.0,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One optimizer step on a batch already on the device (`image` (B, C, H, W) float, `mask`
+    (B, 1, H, W), `label` (B, 1)): forward under `autocast`, the loss in float32, plus `penalty`,
+    backward, gradient clipping, step. The training step of `train_epoch`, the batch-size search
+    and the benchmark.
+
+    Returns (task loss, penalty or None, seg_logits, cls_logits); the logits (float32) are None
+    for a `loss_from_targets` model (maskrcnn), whose loss comes from `forward(image, mask)`.
+    It makes no collective of its own: a DDP model's backward all-reduces the gradients.
+    """
+    core = unwrap_model(model)
+    seg_logits = cls_logits = None
+    if getattr(core, "loss_from_targets", False):
+        with autocast(image.device, amp):
+            loss = _model_loss(model, image, mask).float()
+    else:
+        with autocast(image.device, amp):
+            seg_logits, cls_logits = _forward(model, image)
+        seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
+        loss = loss_fn(seg_logits, cls_logits, mask, label)
+    objective = loss
+    penalty_value = None
+    if penalty is not None:
+        penalty_value = penalty(core)
+        objective = loss + penalty_value
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if grad_clip_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimizer.step()
+    return loss, penalty_value, seg_logits, cls_logits
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -311,12 +359,9 @@ def train_epoch(
     (with its `generator`) augments each uint8 batch on the device (module doc).
     """
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
     model.train()
-    core = unwrap_model(model)
     # Detection-style models (maskrcnn) compute their own training loss from the masks and make no
-    # predictions in train mode: loss_fn is not used and train_dice is NaN for them.
-    own_loss = bool(getattr(core, "loss_from_targets", False))
+    # predictions in train mode (train_step returns no logits): train_dice is NaN for them.
     metrics = SegMetrics()
     # [task loss * images, penalty * images, images]: summed on the device, so no per-step host sync.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -334,31 +379,18 @@ def train_epoch(
         data_wait += time.perf_counter() - t0
         if math.isnan(first_batch):
             first_batch = time.perf_counter() - start
-        image, mask, label = _batch_to_device(batch, device, channels_last, augment, generator)
+        image, mask, label = batch_to_device(batch, device, channels_last, augment, generator)
         if image.shape[0] < 2:
             # A trailing one-image batch: BatchNorm cannot normalise a single sample in train mode
             # (deeplabv3's pooled ASPP branch raises). Skipped on every rank alike, because DDP
             # shards hold equal row counts.
             skipped += 1
             continue
-        if own_loss:
-            with _autocast(device, use_amp):
-                loss = _model_loss(model, image, mask).float()
-        else:
-            with _autocast(device, use_amp):
-                seg_logits, cls_logits = _forward(model, image)
-            seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
-            loss = loss_fn(seg_logits, cls_logits, mask, label)
-        objective = loss
-        if penalty is not None:
-            penalty_value = penalty(core)
-            objective = loss + penalty_value
+        loss, penalty_value, seg_logits, cls_logits = train_step(
+            model, image, mask, label, optimizer, loss_fn, amp=amp, grad_clip_norm=grad_clip_norm, penalty=penalty
+        )
+        if penalty_value is not None:
             sums[1] += penalty_value.detach().double() * image.shape[0]
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
         # OneCycleLR defines total_steps lrs (last_epoch 0 .. total_steps - 1); past that it anneals
         # back up, then raises. Batches beyond the plan (a longer shard) keep the final lr.
         if scheduler is not None and not (
@@ -367,7 +399,7 @@ def train_epoch(
             scheduler.step()
         sums[0] += loss.detach().double() * image.shape[0]
         sums[2] += image.shape[0]
-        if not own_loss:
+        if seg_logits is not None:
             metrics.update(seg_logits.detach(), cls_logits.detach(), mask, label)
         steps += 1
 
@@ -410,7 +442,6 @@ def evaluate(
 ) -> dict[str, float]:
     """SegMetrics over all batches, all-reduced over ranks, keys prefixed `val_` (+ `val_loss` with loss_fn)."""
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
     # The plain module: DDP's forward would sync buffers, a collective that hangs when ranks hold
     # different numbers of validation batches.
     core = unwrap_model(model)
@@ -420,8 +451,8 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss * images, images]
     try:
         for batch in batches:
-            image, mask, label = _batch_to_device(batch, device, channels_last)
-            with _autocast(device, use_amp):
+            image, mask, label = batch_to_device(batch, device, channels_last)
+            with autocast(device, amp):
                 seg_logits, cls_logits = _forward(core, image)
             seg_logits, cls_logits = seg_logits.float(), cls_logits.float()
             if loss_fn is not None:
@@ -740,12 +771,80 @@ def fit(
         raise ValueError(
             f"fit: run_dir {run_dir!s} must be a local folder (the runner uploads checkpoints to storage)"
         )
-    train_cfg = cfg.train
-    amp = cfg.compute.amp and device.type == "cuda"
-    channels_last = cfg.compute.channels_last
-    epochs = train_cfg.epochs
-    end_epoch = epochs if max_epochs is None else min(epochs, max_epochs)
+    parts = _training_parts(model, cfg, device, steps_per_epoch)
+    files = _RunFiles.at(run_dir, cfg)
+    source = resume_from
+    if source is None and resume and files.last is not None and files.last.exists():
+        source = files.last
+    if source is not None:
+        progress = _resume(parts, source, files.config_dict, cfg.train.epochs)
+        if progress.stopped_early:  # and early stopping still says so: nothing to train
+            return _fit_result(progress.history, progress.best_metrics, True, files.last, files.best)
+    else:
+        progress = _fresh_start(cfg.train.seed, files.best)
+    files.start(progress.history)
 
+    end_epoch = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, max_epochs)
+    steps = _resolve_steps_per_epoch(cfg, steps_per_epoch)
+    for epoch in range(progress.epochs_completed, end_epoch):
+        if progress.stopped_early:
+            break
+        epoch_start = time.perf_counter()
+        batches = _epoch_batches(train_batches, cfg, epoch, steps, progress_interval_s)
+        generator = augment_generator(device, [cfg.train.seed, epoch, augment_rank]) if device_augment is not None else None
+        train_stats = train_epoch(
+            model, batches, parts.optimizer, parts.loss_fn, device=device,
+            scheduler=parts.scheduler if scheduler_steps_per_batch(parts.scheduler) else None,
+            amp=parts.amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=parts.penalty,
+            channels_last=parts.channels_last, augment=device_augment, generator=generator,
+        )  # fmt: skip
+        lr = float(parts.optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
+        val_stats = evaluate(
+            model, val_batches(), device=device, amp=parts.amp, channels_last=parts.channels_last, loss_fn=parts.loss_fn
+        )
+        metrics, monitored = _epoch_metrics(epoch, train_stats, val_stats, cfg.train.monitor)
+        step_epoch_scheduler(parts.scheduler, monitored)
+        stop = parts.stopper.step(monitored)
+        metrics["lr"] = lr
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        metrics = _plain(metrics)
+        progress.history.append(metrics)
+        if parts.stopper.improved:
+            progress.best_metrics = metrics
+        progress.stopped_early = stop
+        progress.epochs_completed = epoch + 1
+        files.save_epoch(parts, progress, metrics)
+        _log_epoch(metrics, train_stats, monitored, cfg.train.monitor, cfg.train.epochs, parts.stopper.improved)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, str(files.last) if files.last is not None else None)
+        if stop:
+            logger.info(
+                "early stop after epoch %d: %s did not improve for %d epochs (best %.4f)",
+                epoch + 1, cfg.train.monitor, parts.stopper.epochs_since_best,
+                parts.stopper.best if parts.stopper.best is not None else float("nan"),
+            )  # fmt: skip
+
+    return _fit_result(progress.history, progress.best_metrics, progress.stopped_early, files.last, files.best)
+
+
+@dataclass
+class _TrainingParts:
+    """What `fit` builds from the config before its first epoch."""
+
+    core: nn.Module  # the plain module (inside DDP when the model is wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module
+    penalty: Callable[[nn.Module], Tensor] | None
+    stopper: EarlyStopping
+    amp: bool
+    channels_last: bool
+
+
+def _training_parts(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int | None) -> _TrainingParts:
+    """Move the model to `device` (unless DDP wraps it: the runner did) and build the optimizer,
+    scheduler, loss, weight penalty and early stopping of `cfg`."""
+    channels_last = cfg.compute.channels_last
     core = unwrap_model(model)
     if core is model:
         if channels_last:
@@ -754,198 +853,196 @@ def fit(
             model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(
-        optimizer,
-        cfg.optim,
-        epochs,
-        _resolve_steps_per_epoch(cfg, steps_per_epoch),
-        mode=train_cfg.monitor_mode,
+        optimizer, cfg.optim, cfg.train.epochs, _resolve_steps_per_epoch(cfg, steps_per_epoch), mode=cfg.train.monitor_mode
     )
-    loss_fn = build_loss(cfg.loss).to(device)
     l1, l2 = cfg.loss.l1_penalty, cfg.loss.l2_penalty
-    penalty = (lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None
-    stopper = EarlyStopping(
-        train_cfg.monitor, train_cfg.monitor_mode, train_cfg.early_stop_patience, train_cfg.early_stop_min_delta
+    t = cfg.train
+    return _TrainingParts(
+        core=core,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=build_loss(cfg.loss).to(device),
+        penalty=(lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None,
+        stopper=EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta),
+        amp=cfg.compute.amp and device.type == "cuda",
+        channels_last=channels_last,
     )
 
-    run_path = Path(run_dir) if run_dir is not None else None
-    last_path = run_path / "checkpoints" / "last.pt" if run_path else None
-    best_path = run_path / "checkpoints" / "best.pt" if run_path else None
-    config_dict = cfg.to_dict()
 
-    history: list[dict[str, Any]] = []
-    best_metrics: dict[str, Any] = {}
-    start_epoch = 0
-    stopped_early = False
-    source = resume_from
-    if source is None and resume and last_path is not None and last_path.exists():
-        source = last_path
-    if source is not None:
-        state = load_checkpoint(source, map_location="cpu")
-        saved_config = _flatten(state.get("config") or {})
-        changed = {k: v for k, v in _flatten(config_dict).items() if saved_config.get(k, v) != v}
-        if changed:
+@dataclass
+class _Progress:
+    """Where a run stands: its epochs so far (the lines of metrics.jsonl) and the best of them."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    epochs_completed: int = 0
+    stopped_early: bool = False
+
+
+def _resume(parts: _TrainingParts, source: str | Path, config_dict: dict[str, Any], epochs: int) -> _Progress:
+    """Load `source` (a last.pt) into the parts; `stopped_early` stays True only when early
+    stopping, as configured now, still allows no further epoch (fit then trains nothing)."""
+    state = load_checkpoint(source, map_location="cpu")
+    saved_config = _flatten(state.get("config") or {})
+    changed = {k: v for k, v in _flatten(config_dict).items() if saved_config.get(k, v) != v}
+    if changed:
+        logger.warning(
+            "resuming %s with a changed config %s; the optimizer and scheduler continue from their saved state",
+            source, changed,
+        )  # fmt: skip
+    parts.core.load_state_dict(strip_module_prefix(state["model"]))
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scheduler is not None and state.get("scheduler") is not None:
+        parts.scheduler.load_state_dict(state["scheduler"])
+    stopper = parts.stopper
+    stopper.load_state_dict(state["early_stopping"])
+    progress = _Progress(
+        history=list(state["history"]),
+        best_metrics=dict(state.get("best_metrics") or {}),
+        epochs_completed=int(state["epochs_completed"]),
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
+    # Last, so nothing above (model building by the caller included) shifts the streams.
+    restore_rng_state(state["rng"])
+    start_epoch = progress.epochs_completed
+    logger.info("resumed %s after epoch %d/%d", source, start_epoch, epochs)
+    if progress.stopped_early:
+        if stopper.patience > 0 and stopper.epochs_since_best >= stopper.patience:
             logger.warning(
-                "resuming %s with a changed config %s; the optimizer and scheduler continue from "
-                "their saved state",
-                source,
-                changed,
-            )
-        core.load_state_dict(strip_module_prefix(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        history = list(state["history"])
-        best_metrics = dict(state.get("best_metrics") or {})
-        start_epoch = int(state["epochs_completed"])
-        stopped_early = bool(state.get("stopped_early", False))
-        # Last, so nothing above (model building by the caller included) shifts the streams.
-        restore_rng_state(state["rng"])
-        logger.info("resumed %s after epoch %d/%d", source, start_epoch, epochs)
-        if stopped_early:
-            if stopper.patience > 0 and stopper.epochs_since_best >= stopper.patience:
-                logger.warning(
-                    "%s stopped early after epoch %d: %s did not improve for %d epochs (train.early_stop_patience %d, "
-                    "best %.4f), so resuming trains nothing, whatever train.epochs says (now %d); the run folder is "
-                    "left as it is. To train on: --set train.early_stop_patience=0 (off) or a patience above %d; "
-                    "--no-resume starts over",
-                    source, start_epoch, stopper.monitor, stopper.epochs_since_best, stopper.patience,
-                    stopper.best if stopper.best is not None else float("nan"), epochs, stopper.epochs_since_best,
-                )  # fmt: skip
-                return _fit_result(history, best_metrics, True, last_path, best_path)
-            logger.info("%s had stopped early after epoch %d; train.early_stop_patience now allows more epochs: continuing",
-                        source, start_epoch)  # fmt: skip
-            stopped_early = False
-    else:
-        torch.manual_seed(train_cfg.seed)
-        np.random.seed(train_cfg.seed)
-        random.seed(train_cfg.seed)
-        if best_path is not None and best_path.exists():
-            best_path.unlink()  # a stale best.pt from an earlier run must not outlive it
+                "%s stopped early after epoch %d: %s did not improve for %d epochs (train.early_stop_patience %d, "
+                "best %.4f), so resuming trains nothing, whatever train.epochs says (now %d); the run folder is "
+                "left as it is. To train on: --set train.early_stop_patience=0 (off) or a patience above %d; "
+                "--no-resume starts over",
+                source, start_epoch, stopper.monitor, stopper.epochs_since_best, stopper.patience,
+                stopper.best if stopper.best is not None else float("nan"), epochs, stopper.epochs_since_best,
+            )  # fmt: skip
+            return progress
+        logger.info("%s had stopped early after epoch %d; train.early_stop_patience now allows more epochs: continuing",
+                    source, start_epoch)  # fmt: skip
+        progress.stopped_early = False
+    return progress
 
-    if run_path is not None:
-        _write_text_atomic(run_path / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+
+def _fresh_start(seed: int, best_path: Path | None) -> _Progress:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if best_path is not None and best_path.exists():
+        best_path.unlink()  # a stale best.pt from an earlier run must not outlive it
+    return _Progress()
+
+
+@dataclass
+class _RunFiles:
+    """A run folder's files (all None without one): config.yaml, metrics.jsonl, checkpoints/."""
+
+    path: Path | None
+    last: Path | None
+    best: Path | None
+    config_dict: dict[str, Any]
+
+    @classmethod
+    def at(cls, run_dir: str | Path | None, cfg: Config) -> "_RunFiles":
+        path = Path(run_dir) if run_dir is not None else None
+        checkpoints = path / "checkpoints" if path is not None else None
+        return cls(
+            path,
+            checkpoints / "last.pt" if checkpoints else None,
+            checkpoints / "best.pt" if checkpoints else None,
+            cfg.to_dict(),
+        )
+
+    def start(self, history: list[dict[str, Any]]) -> None:
+        if self.path is None:
+            return
+        _write_text_atomic(self.path / "config.yaml", yaml.safe_dump(self.config_dict, sort_keys=False))
         # Rewritten from the checkpoint's history: epochs logged after the last checkpoint of a
         # crashed run are dropped, and a fresh run starts an empty file.
-        _write_text_atomic(run_path / "metrics.jsonl", "".join(_json_line(m) + "\n" for m in history))
+        self._write_metrics(history)
 
-    max_steps = train_cfg.max_steps_per_epoch
-    for epoch in range(start_epoch, end_epoch):
-        if stopped_early:
-            break
-        epoch_start = time.perf_counter()
-        rng = np.random.default_rng([train_cfg.seed, epoch])
-        batches: Iterable[Batch] = train_batches(epoch, rng)
-        if max_steps > 0:
-            batches = itertools.islice(batches, max_steps)
-        if progress_interval_s > 0:
-            batches = _with_progress(batches, epoch, epochs, _resolve_steps_per_epoch(cfg, steps_per_epoch), progress_interval_s)
-        generator = None
-        if device_augment is not None:
-            generator = augment_generator(device, [train_cfg.seed, epoch, augment_rank])
-        train_stats = train_epoch(
-            model,
-            batches,
-            optimizer,
-            loss_fn,
-            device=device,
-            scheduler=scheduler if scheduler_steps_per_batch(scheduler) else None,
-            amp=amp,
-            grad_clip_norm=cfg.optim.grad_clip_norm,
-            penalty=penalty,
-            channels_last=channels_last,
-            augment=device_augment,
-            generator=generator,
+    def save_epoch(self, parts: _TrainingParts, progress: _Progress, metrics: dict[str, Any]) -> None:
+        """last.pt (full state), best.pt (weights, when the monitored metric improved), metrics.jsonl."""
+        if self.path is None:
+            return
+        save_checkpoint(
+            self.last,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "kind": "last",
+                "model": parts.core.state_dict(),
+                "optimizer": parts.optimizer.state_dict(),
+                "scheduler": None if parts.scheduler is None else parts.scheduler.state_dict(),
+                "epochs_completed": progress.epochs_completed,
+                "early_stopping": parts.stopper.state_dict(),
+                "stopped_early": progress.stopped_early,
+                "best_metrics": progress.best_metrics or None,
+                "history": progress.history,
+                "rng": capture_rng_state(),
+                "config": self.config_dict,
+            },
         )
-        lr = float(optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
-        val_stats = evaluate(
-            model, val_batches(), device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn
-        )
-        metrics: dict[str, Any] = {"epoch": epoch}
-        for key, value in train_stats.items():
-            metrics[key if key.startswith("train_") else f"train_{key}"] = value
-        metrics.update(val_stats)
-        if train_cfg.monitor not in metrics:
-            raise KeyError(
-                f"train.monitor: {train_cfg.monitor!r} is not a reported metric; "
-                f"choose from {sorted(k for k in metrics if k != 'epoch')}"
-            )
-        monitored = float(metrics[train_cfg.monitor])
-        step_epoch_scheduler(scheduler, monitored)
-        stop = stopper.step(monitored)
-        metrics["lr"] = lr
-        metrics["seconds"] = time.perf_counter() - epoch_start
-        metrics = _plain(metrics)
-        history.append(metrics)
-        if stopper.improved:
-            best_metrics = metrics
-        stopped_early = stop
-
-        if run_path is not None:
+        if parts.stopper.improved:
+            # Weights only: prediction needs no optimizer state (which would triple the size).
             save_checkpoint(
-                last_path,
+                self.best,
                 {
                     "format": CHECKPOINT_FORMAT,
-                    "kind": "last",
-                    "model": core.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "epochs_completed": epoch + 1,
-                    "early_stopping": stopper.state_dict(),
-                    "stopped_early": stopped_early,
-                    "best_metrics": best_metrics or None,
-                    "history": history,
-                    "rng": capture_rng_state(),
-                    "config": config_dict,
+                    "kind": "best",
+                    "model": parts.core.state_dict(),
+                    "epoch": metrics["epoch"],
+                    "metrics": metrics,
+                    "config": self.config_dict,
                 },
             )
-            if stopper.improved:
-                # Weights only: prediction needs no optimizer state (which would triple the size).
-                save_checkpoint(
-                    best_path,
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "kind": "best",
-                        "model": core.state_dict(),
-                        "epoch": epoch,
-                        "metrics": metrics,
-                        "config": config_dict,
-                    },
-                )
-            _write_text_atomic(run_path / "metrics.jsonl", "".join(_json_line(m) + "\n" for m in history))
+        self._write_metrics(progress.history)
 
-        train_seconds = max(train_stats["seconds"], 1e-9)
-        monitor_text = "" if train_cfg.monitor == "val_dice" else f"  {train_cfg.monitor} {monitored:.4f}"
-        logger.info(
-            "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (cls-gated %.4f, empty %.4f, pos %.4f, auc %.3f)%s%s  "
-            "lr %.2e  %.1fs, data wait %.0f%%",
-            epoch + 1,
-            epochs,
-            metrics["train_loss"],
-            metrics["train_dice"],
-            metrics["val_dice"],
-            metrics["val_dice_cls"],
-            metrics["val_empty_dice"],
-            metrics["val_dice_pos"],
-            metrics["val_auc"],
-            monitor_text,
-            " *best" if stopper.improved else "",
-            lr,
-            metrics["seconds"],
-            100.0 * train_stats["data_wait_seconds"] / train_seconds,
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        _write_text_atomic(self.path / "metrics.jsonl", "".join(_json_line(m) + "\n" for m in history))
+
+
+def _epoch_batches(
+    train_batches: Callable[[int, np.random.Generator], Iterable[Batch]],
+    cfg: Config,
+    epoch: int,
+    steps: int | None,
+    progress_interval_s: float,
+) -> Iterable[Batch]:
+    """`train_batches` for `epoch` from its own rng (default_rng([seed, epoch])), cut at
+    `train.max_steps_per_epoch` and with a progress line every `progress_interval_s`."""
+    batches: Iterable[Batch] = train_batches(epoch, np.random.default_rng([cfg.train.seed, epoch]))
+    if cfg.train.max_steps_per_epoch > 0:
+        batches = itertools.islice(batches, cfg.train.max_steps_per_epoch)
+    if progress_interval_s > 0:
+        batches = _with_progress(batches, epoch, cfg.train.epochs, steps, progress_interval_s)
+    return batches
+
+
+def _epoch_metrics(epoch: int, train_stats: dict[str, float], val_stats: dict[str, float], monitor: str) -> tuple[dict[str, Any], float]:
+    """One epoch's metrics (train_* and val_*) and the monitored value (KeyError naming the choices)."""
+    metrics: dict[str, Any] = {"epoch": epoch}
+    for key, value in train_stats.items():
+        metrics[key if key.startswith("train_") else f"train_{key}"] = value
+    metrics.update(val_stats)
+    if monitor not in metrics:
+        raise KeyError(
+            f"train.monitor: {monitor!r} is not a reported metric; choose from {sorted(k for k in metrics if k != 'epoch')}"
         )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, str(last_path) if last_path is not None else None)
-        if stop:
-            logger.info(
-                "early stop after epoch %d: %s did not improve for %d epochs (best %.4f)",
-                epoch + 1,
-                train_cfg.monitor,
-                stopper.epochs_since_best,
-                stopper.best if stopper.best is not None else float("nan"),
-            )
+    return metrics, float(metrics[monitor])
 
-    return _fit_result(history, best_metrics, stopped_early, last_path, best_path)
+
+def _log_epoch(
+    metrics: dict[str, Any], train_stats: dict[str, float], monitored: float, monitor: str, epochs: int, improved: bool
+) -> None:
+    train_seconds = max(train_stats["seconds"], 1e-9)
+    monitor_text = "" if monitor == "val_dice" else f"  {monitor} {monitored:.4f}"
+    logger.info(
+        "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (cls-gated %.4f, empty %.4f, pos %.4f, auc %.3f)%s%s  "
+        "lr %.2e  %.1fs, data wait %.0f%%",
+        metrics["epoch"] + 1, epochs, metrics["train_loss"], metrics["train_dice"], metrics["val_dice"],
+        metrics["val_dice_cls"], metrics["val_empty_dice"], metrics["val_dice_pos"], metrics["val_auc"],
+        monitor_text, " *best" if improved else "", metrics["lr"], metrics["seconds"],
+        100.0 * train_stats["data_wait_seconds"] / train_seconds,
+    )  # fmt: skip
 
 
 def _fit_result(history: list, best: dict, stopped_early: bool, last_path: Path | None, best_path: Path | None) -> FitResult:
@@ -971,7 +1068,9 @@ __all__ = [
     "PROGRESS_INTERVAL_S",
     "PositiveReservoir",
     "SCHEDULERS",
+    "autocast",
     "batch_from_numpy",
+    "batch_to_device",
     "build_optimizer",
     "build_scheduler",
     "epoch_indices",
@@ -981,6 +1080,7 @@ __all__ = [
     "scheduler_steps_per_batch",
     "step_epoch_scheduler",
     "train_epoch",
+    "train_step",
     "uint8_batch",
     "unwrap_model",
 ]

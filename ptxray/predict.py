@@ -26,7 +26,6 @@ stored once as `<run>/oof/oof.npz` and reused by `ptxray thresholds` and `ptxray
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -44,6 +43,7 @@ from ptxray import storage
 from ptxray.cache import Cache, CacheError, labels_sha256, list_dicoms, read_for_training, read_listed_files, read_manifest
 from ptxray.config import Config, PreprocessConfig
 from ptxray.dicom import DicomError, Scan
+from ptxray.engine import autocast
 from ptxray.masks import decode_rle, encode_rle
 from ptxray.postprocess import (
     OOF_FILE,
@@ -112,8 +112,7 @@ class Ensemble:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"Ensemble.predict: expected uint8 (B, C, S, S), got {images.dtype} {images.shape}")
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)  # (B, C, S, S) uint8
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with ctx:
+        with autocast(self.device, self.amp):
             mask_prob, cls_prob = self.module(x)  # (B, 1, S, S), (B,)
         return mask_prob[:, 0].float().cpu().numpy(), cls_prob.float().cpu().numpy()
 

@@ -609,7 +609,7 @@ def test_uint8_batch_gathers_in_one_copy_and_the_device_scales_it():
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 2, 16, 16) and "label" not in batch
     assert torch.equal(batch["image"], torch.from_numpy(images[[4, 0, 2]]))
     assert torch.equal(batch["mask"], torch.from_numpy(masks[[4, 0, 2]]))
-    image, mask, label = engine._batch_to_device(batch, torch.device("cpu"), channels_last=False)
+    image, mask, label = engine.batch_to_device(batch, torch.device("cpu"), channels_last=False)
     reference = batch_from_numpy(images[[4, 0, 2]], masks[[4, 0, 2]])
     assert torch.equal(image, reference["image"]) and torch.equal(mask, reference["mask"])
     assert torch.equal(label, reference["label"])
@@ -626,14 +626,14 @@ def test_device_augmentation_needs_uint8_batches_and_relabels_after_augmenting()
     images, masks = synth_images(4, 16, seed=3)
     aug = build_device_augment("paper", 16)
     with pytest.raises(ValueError, match="uint8"):
-        engine._batch_to_device(batch_from_numpy(images, masks), torch.device("cpu"), False, aug, augment_generator("cpu", [0]))
+        engine.batch_to_device(batch_from_numpy(images, masks), torch.device("cpu"), False, aug, augment_generator("cpu", [0]))
 
     def moves_the_lesion_out(images, masks, generator):  # an augmentation that empties every mask
         return images.float() / 255, torch.zeros_like(masks, dtype=torch.float32)
 
     batch = engine.uint8_batch(images, masks)
     batch["label"] = torch.ones(4, 1)  # a label from before augmentation must not survive it
-    _, mask, label = engine._batch_to_device(batch, torch.device("cpu"), False, moves_the_lesion_out, None)
+    _, mask, label = engine.batch_to_device(batch, torch.device("cpu"), False, moves_the_lesion_out, None)
     assert mask.shape == (4, 1, 16, 16) and float(label.sum()) == 0.0
 
 
