@@ -461,6 +461,17 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 1
 
 
+def _add_address(p: argparse.ArgumentParser, help: str = "Ray address (default: the job's cluster, else an embedded local Ray)") -> None:
+    p.add_argument("--address", default="", help=help)
+
+
+def _add_data_inputs(p: argparse.ArgumentParser) -> None:
+    """--images/--labels/--cache of the commands that prepare (or reuse) the cache before they run."""
+    p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
+    p.add_argument("--labels", help="label CSV")
+    p.add_argument("--cache", help="cache root or a complete cache (local or s3://)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ptxray import __version__
 
@@ -468,7 +479,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ptxray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_synth_parser,
+        _add_prepare_parser,
+        _add_train_parser,
+        _add_kfold_parser,
+        _add_export_parser,
+        _add_predict_parser,
+        _add_thresholds_parser,
+        _add_evaluate_parser,
+        _add_benchmark_parser,
+        _add_config_parser,
+        _add_demo_parser,
+        _add_cluster_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate a synthetic SIIM-layout dataset (DICOMs + train-rle.csv)")
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
     p.add_argument("--n", type=int, default=200, help="number of images")
@@ -477,16 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
+
+def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode DICOMs once into the preprocessed Parquet cache (Ray Data)")
     p.add_argument("--images", help="folder or s3://bucket/prefix of DICOMs (searched recursively)")
     p.add_argument("--labels", help="label CSV (train-rle.csv), local or s3://")
     p.add_argument("--cache", help="cache root, local or s3://")
-    p.add_argument("--address", default="", help="Ray address (default: an embedded local Ray)")
+    _add_address(p, "Ray address (default: an embedded local Ray)")
     p.add_argument("--force", action="store_true", help="rebuild even when a complete cache exists")
     p.add_argument("--summary-json", help="also write the summary to this file")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one fold in this process (no Ray), from a prepared cache")
     p.add_argument("--cache", help="prepared cache (local or s3://)")
     p.add_argument("--fold", type=int, help="validation fold (train on the others)")
@@ -495,21 +528,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when compute.use_gpu and available)")
     p.add_argument("--ray", action="store_true", help="train on Ray Train (compute.num_workers DDP workers) instead of in-process")
     p.add_argument("--run-name", help="with --ray: the Train run's name under compute.storage_path (the same name resumes)")
-    p.add_argument("--address", default="", help="with --ray: Ray address (default: the job's cluster, else embedded)")
+    _add_address(p, "with --ray: Ray address (default: the job's cluster, else embedded)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_kfold_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kfold", help="K-fold x grid experiment on Ray Tune (prepares the cache first if needed)")
-    p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
-    p.add_argument("--labels", help="label CSV")
-    p.add_argument("--cache", help="cache root (or a complete cache)")
+    _add_data_inputs(p)
     p.add_argument("--name", help="experiment name (search.name); the same name resumes")
     p.add_argument("--no-early-stop", action="store_true", help="run every trial to the end (no ASHA)")
     p.add_argument("--max-concurrent-trials", type=int, help="default: what the cluster's CPUs/GPUs fit")
-    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    _add_address(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_kfold)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's fold model or fold ensemble to ONNX / TorchScript, checked against PyTorch")
     p.add_argument("--run", required=True, help="run folder or s3:// prefix (a K-fold experiment or a `ptxray train` run)")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
@@ -522,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| probability")
     p.set_defaults(func=cmd_export)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict DICOMs with a run's fold ensemble: submission CSV, PNG masks, overlays")
     p.add_argument("--run", required=True, help="run folder or s3:// prefix (a K-fold experiment or a `ptxray train` run)")
     p.add_argument("--images", required=True, help="DICOM folder, file or s3:// prefix (searched recursively)")
@@ -535,9 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="no horizontal-flip test-time augmentation")
     p.add_argument("--no-images", action="store_true", help="CSV files only: no mask and overlay PNGs")
     p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM SEG per non-empty prediction (seg/<ImageId>.dcm)")
-    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    _add_address(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_thresholds_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("thresholds", help="search the decision thresholds on a run's out-of-fold predictions; store them in the run")
     p.add_argument("--run", required=True, help="run folder or s3:// prefix")
     p.add_argument("--cache", help="the cache the run trained from (default: from the run's config data.cache)")
@@ -545,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.set_defaults(func=cmd_thresholds)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="out-of-fold (or --split holdout: test split) report of a run: metrics, ROC, confusion, Dice histogram, cases")
     p.add_argument("--run", required=True, help="run folder or s3:// prefix")
     p.add_argument("--cache", help="the cache the run trained from (default: from the run's config data.cache)")
@@ -557,14 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark",
         help="compare architectures on your data and hardware: parameters, GFLOPs, largest batch, throughput, "
         "memory and quality after the same budget (one Ray Tune trial each; --local: in-process)",
     )
-    p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
-    p.add_argument("--labels", help="label CSV")
-    p.add_argument("--cache", help="cache root or a complete cache (local or s3://)")
+    _add_data_inputs(p)
     p.add_argument("--archs", default="paper",
                    help="'paper' (default: unet_vanilla, unet_densenet121, unet_resnet34, unet_efficientnet-b0, fpn, "
                    "deeplabv3, deeplabv3plus, fcn, maskrcnn), 'all' (+ unetplusplus, manet, linknet, pspnet, pan, "
@@ -588,15 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chexnet", help="CheXNet checkpoint (model.pth.tar) for the densenet121 encoders (default: random init)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs each trial reserves")
     p.add_argument("--max-concurrent-trials", type=int, help="Ray: default one per GPU, or one at a time on CPUs")
-    p.add_argument("--address", default="", help="Ray address (default: the job's cluster, else an embedded local Ray)")
+    _add_address(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_benchmark)
 
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("file", nargs="?", help="YAML file or shipped recipe name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_config)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="what `make demo` runs: synthetic data -> local Ray head -> ray job submit jobs/kfold.py")
     p.add_argument("--workdir", default="demo-data")
     p.add_argument("--n", type=int, default=400, help="number of synthetic images")
@@ -605,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-trials", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="a local Ray head (dashboard + Jobs API, token auth) for `ray job submit`")
     actions = p.add_subparsers(dest="action", required=True)
     up = actions.add_parser("up", help="start a head (and optional extra worker nodes) on free ports")
@@ -619,7 +666,6 @@ def build_parser() -> argparse.ArgumentParser:
     for a in actions.choices.values():
         a.add_argument("--state-dir", default=".ptxray/cluster", help="where the token and cluster.json live")
     p.set_defaults(func=cmd_cluster)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
