@@ -966,6 +966,29 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _comparability_notes(results: Sequence[dict[str, Any]], mode: str) -> tuple[list[str], str]:
+    """What the report says about comparing rows: one note per device situation, and what the
+    peak-memory column measures."""
+    devices = devices_of(results)
+    device_notes = []
+    if len(devices) > 1:
+        device_notes.append(
+            f"The architectures ran on {len(devices)} different devices: their throughput and memory are NOT comparable."
+        )
+    else:
+        device_notes.append("Throughput and memory are comparable between these rows only (one device).")
+    kinds = {r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")}
+    memory_kind_text = (
+        "CUDA max allocated during the training timing, above what was allocated before the model was built"
+        if kinds and all(str(k).startswith("cuda") for k in kinds)
+        else "process resident-set peak during the training timing, above the resident set before the model "
+        "was built (" + ("each architecture in its own Ray trial process" if mode.lower().startswith("ray") else
+                         "all architectures in one process: the peak is reset per architecture and freed memory "
+                         "returned to the OS first, but allocator caches are shared") + ")"
+    )  # fmt: skip
+    return device_notes, memory_kind_text
+
+
 def write_report(
     results: Sequence[dict[str, Any]],
     *,
@@ -1002,23 +1025,7 @@ def write_report(
     labels = dict(zip(idx.column("image_id").to_pylist(), idx.column("label").to_pylist()))
     # Each row carries the environment of the process that measured it (a Ray trial's, maybe remote).
     env = next((r["environment"] for r in results if r.get("environment")), None) or environment(resolve_device(settings))
-    devices = devices_of(results)
-    device_notes = []
-    if len(devices) > 1:
-        device_notes.append(
-            f"The architectures ran on {len(devices)} different devices: their throughput and memory are NOT comparable."
-        )
-    else:
-        device_notes.append("Throughput and memory are comparable between these rows only (one device).")
-    kinds = {r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")}
-    memory_kind_text = (
-        "CUDA max allocated during the training timing, above what was allocated before the model was built"
-        if kinds and all(str(k).startswith("cuda") for k in kinds)
-        else "process resident-set peak during the training timing, above the resident set before the model "
-        "was built (" + ("each architecture in its own Ray trial process" if mode.lower().startswith("ray") else
-                         "all architectures in one process: the peak is reset per architecture and freed memory "
-                         "returned to the OS first, but allocator caches are shared") + ")"
-    )  # fmt: skip
+    device_notes, memory_kind_text = _comparability_notes(results, mode)
     report: dict[str, Any] = {
         "command": command,
         "mode": mode,

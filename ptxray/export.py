@@ -441,6 +441,29 @@ def _binary_mask(mask: np.ndarray, where: str) -> np.ndarray:
     return mask != 0  # (H, W) bool
 
 
+def _pneumothorax_segment(name: str, version: str, parameters: dict[str, str] | None):
+    """The SEG's one segment, "Pneumothorax", identified as automatic AI output of `name` `version`."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=version,
+        parameters=parameters or None,
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Pneumothorax",
+        # CID 7150 category / CID 7151-family type, SNOMED CT: 49755003 / 36118008.
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Pneumothorax,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor(*_DISPLAY_LAB),
+    )
+
+
 def write_dicom_seg(
     source_dicom_bytes: bytes,
     mask: np.ndarray,
@@ -472,7 +495,6 @@ def write_dicom_seg(
     """
     import highdicom as hd
     import pydicom
-    from pydicom.sr.codedict import codes
 
     from ptxray.dicom import read_dicom
 
@@ -497,22 +519,7 @@ def write_dicom_seg(
         logger.debug("%s: mask %s resized to the source's %dx%d (nearest)", where, binary.shape, rows, columns)
         binary = cv2.resize(binary.view(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST) > 0
 
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=algorithm_version,
-        parameters=algorithm_parameters or None,
-    )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Pneumothorax",
-        # CID 7150 category / CID 7151-family type, SNOMED CT: 49755003 / 36118008.
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Pneumothorax,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-        display_color=hd.color.CIELabColor(*_DISPLAY_LAB),
-    )
+    segment = _pneumothorax_segment(algorithm_name, algorithm_version, algorithm_parameters)
     with warnings.catch_warnings():
         # SIIM's PatientName is a bare UUID, which highdicom flags as an unusual person name.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")

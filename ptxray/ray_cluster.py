@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -426,16 +426,7 @@ def start_local_cluster(
     for flag, port in (("dashboard port", dashboard_port), ("GCS port", gcs_port)):
         if port and not _port_is_free(port):
             raise ClusterError(f"{flag} {port} is in use (another Ray cluster?); choose another, or 0 for a free one")
-    state = _state_dir(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    if (state / STATE_FILE).exists():
-        old = load_cluster(state)
-        if alive_pids(old):
-            raise ClusterError(
-                f"{state}: a cluster is already running here (dashboard {old.dashboard_url}); "
-                f"stop it with `ptxray cluster down --state-dir {state}`"
-            )
-        stop_local_cluster(old)  # stale record: clean what is left of it
+    state = _claim_state_dir(state_dir)
 
     cluster_id = secrets.token_hex(8)
     token_path = state / TOKEN_FILE
@@ -463,19 +454,7 @@ def start_local_cluster(
             "--object-store-memory": object_store_memory_bytes,
             **_node_ports(ranges),
         }
-        head_args = [_ray_exe(), "start", "--head", "--disable-usage-stats", *_flags(head)]
-        head_env = env
-        if workers == 0:
-            head_args += ["--node-ip-address", "127.0.0.1"]
-            # Ray's servers (GCS, raylet, agents, client server, workers) listen on loopback only
-            # when the node's address is 127.0.0.1, but `ray start` swaps a loopback address for
-            # the machine's, except in the single-machine mode it runs on macOS and Windows, which
-            # this variable selects (ray._private.services.get_node_ip_address). That mode refuses
-            # extra nodes, so a cluster with `workers` binds as Ray does by default.
-            head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        else:
-            log.warning("a cluster with extra worker nodes listens on the machine's address, not on loopback only")
-        _run_ray_start(head_args, head_env, start_log, timeout_s)
+        _start_head(head, env, loopback_only=workers == 0, start_log=start_log, timeout_s=timeout_s)
         # The GCS address is read back from what `ray start` wrote (with extra nodes, Ray replaces
         # a loopback address with the machine's).
         gcs_address = (temp_dir / "ray_current_cluster").read_text().strip() or gcs_address
@@ -511,30 +490,59 @@ def start_local_cluster(
     except BaseException:
         stop_local_cluster(partial)
         raise
+    return _record_cluster(
+        LocalCluster(state, gcs_address, dashboard_url, token_path, temp_dir, [], cluster_id, nodes=1 + workers)
+    )
 
-    procs = _marked_processes(cluster_id)
+
+def _claim_state_dir(state_dir: str | os.PathLike) -> Path:
+    """The state dir, created; ClusterError when a cluster recorded there still runs (a stale
+    record's leftovers are stopped)."""
+    state = _state_dir(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / STATE_FILE).exists():
+        old = load_cluster(state)
+        if alive_pids(old):
+            raise ClusterError(
+                f"{state}: a cluster is already running here (dashboard {old.dashboard_url}); "
+                f"stop it with `ptxray cluster down --state-dir {state}`"
+            )
+        stop_local_cluster(old)  # stale record: clean what is left of it
+    return state
+
+
+def _start_head(head: dict[str, Any], env: dict[str, str], *, loopback_only: bool, start_log: Path, timeout_s: float) -> None:
+    head_args = [_ray_exe(), "start", "--head", "--disable-usage-stats", *_flags(head)]
+    head_env = env
+    if loopback_only:
+        head_args += ["--node-ip-address", "127.0.0.1"]
+        # Ray's servers (GCS, raylet, agents, client server, workers) listen on loopback only
+        # when the node's address is 127.0.0.1, but `ray start` swaps a loopback address for
+        # the machine's, except in the single-machine mode it runs on macOS and Windows, which
+        # this variable selects (ray._private.services.get_node_ip_address). That mode refuses
+        # extra nodes, so a cluster with `workers` binds as Ray does by default.
+        head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    else:
+        log.warning("a cluster with extra worker nodes listens on the machine's address, not on loopback only")
+    _run_ray_start(head_args, head_env, start_log, timeout_s)
+
+
+def _record_cluster(started: LocalCluster) -> LocalCluster:
+    """`started` with the pids (and start times) of its processes, written to cluster.json, its
+    logs linked from the state dir."""
     create_times = {}
-    for p in procs:
+    for p in _marked_processes(started.cluster_id):
         try:
             create_times[p.pid] = p.create_time()
         except psutil.Error:
             continue
-    cluster = LocalCluster(
-        state_dir=state,
-        gcs_address=gcs_address,
-        dashboard_url=dashboard_url,
-        token_path=token_path,
-        temp_dir=temp_dir,
-        pids=sorted(create_times),
-        cluster_id=cluster_id,
-        create_times=create_times,
-        nodes=1 + workers,
-    )
+    cluster = replace(started, pids=sorted(create_times), create_times=create_times)
+    state = cluster.state_dir
     (state / STATE_FILE).write_text(json.dumps(cluster.to_json(), indent=2))
     logs_link = state / "logs"
     logs_link.unlink(missing_ok=True)
-    logs_link.symlink_to(temp_dir / "session_latest" / "logs")
-    log.info("local Ray cluster up: %s (%d nodes, %d processes)", dashboard_url, cluster.nodes, len(cluster.pids))
+    logs_link.symlink_to(cluster.temp_dir / "session_latest" / "logs")
+    log.info("local Ray cluster up: %s (%d nodes, %d processes)", cluster.dashboard_url, cluster.nodes, len(cluster.pids))
     return cluster
 
 

@@ -465,6 +465,27 @@ def stage_checkpoint(run_dir: Path, into: Path) -> None:
             shutil.copy2(src, into / rel)
 
 
+def report_epoch(
+    report: dict[str, Any],
+    run_dir: Path | None,
+    work: Path,
+    report_fn: Callable[..., None],
+    checkpoint_cls: Any,
+    **report_kwargs: Any,
+) -> None:
+    """Report one epoch to Ray, the one way both training paths do it: with the run folder's
+    checkpoint files staged in a temporary folder under `work` (`report_fn(report,
+    checkpoint=checkpoint_cls.from_directory(tmp), **report_kwargs)`), or, with `run_dir` None
+    (DDP ranks other than 0), the metrics alone. `report_fn` / `checkpoint_cls`: ray.train.report /
+    ray.train.Checkpoint in a Ray Train worker, tune.report / tune.Checkpoint in a Tune trial."""
+    if run_dir is None:
+        report_fn(report)
+        return
+    with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
+        stage_checkpoint(run_dir, Path(tmp))
+        report_fn(report, checkpoint=checkpoint_cls.from_directory(tmp), **report_kwargs)
+
+
 def restore_checkpoint(checkpoint: Any, run_dir: Path) -> Path:
     """Download a reported checkpoint into the run folder `fit` continues in; returns its
     `checkpoints/last.pt`.
@@ -612,17 +633,10 @@ def train_loop_per_worker(config: dict) -> None:
             report = report_metrics(metrics)
             report["train_positive_fraction"] = streams.positive_fraction(epoch)
             report["train_held_rows"] = streams.held_rows
-            if rank == 0:
-                assert run_dir is not None
-                with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
-                    stage_checkpoint(run_dir, Path(tmp))
-                    ray.train.report(
-                        report,
-                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                        checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",  # as the log counts
-                    )
-            else:
-                ray.train.report(report)
+            report_epoch(
+                report, run_dir, work, ray.train.report, ray.train.Checkpoint,
+                checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",  # as the log counts
+            )  # fmt: skip
             debug.epoch_reported(epoch, report, ended)
 
         fit(
@@ -647,6 +661,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 __all__ = [
     "CHECKPOINTS_TO_KEEP", "DebugHooks", "NullModel", "Prefetch", "ShardStreams", "fold_outcome", "hold_shard",
-    "make_trainer", "prefetch_depth", "report_metrics", "restore_checkpoint", "run_fold", "stage_checkpoint",
+    "make_trainer", "prefetch_depth", "report_epoch", "report_metrics", "restore_checkpoint", "run_fold", "stage_checkpoint",
     "storage_for_ray", "train_loop_per_worker", "uri_of_ray_path", "worker_resources", "READ_CPUS_KEPT",
 ]  # fmt: skip

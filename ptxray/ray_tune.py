@@ -166,9 +166,7 @@ def _train_in_trial(cfg: Config, cache_uri: str, debug_config: dict[str, Any]) -
         def on_epoch_end(epoch: int, metrics: dict[str, Any], last_path: str | None) -> None:
             ended = time.time()
             report = ray_train.report_metrics(metrics)
-            with tempfile.TemporaryDirectory(prefix="ptxray-ckpt-", dir=work) as tmp:
-                ray_train.stage_checkpoint(run_dir, Path(tmp))
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+            ray_train.report_epoch(report, run_dir, work, tune.report, tune.Checkpoint)
             debug.epoch_reported(epoch, report, ended)
 
         runner.train_fold(cfg, cache_uri, run_dir, resume=False, resume_from=resume_from, on_epoch_end=on_epoch_end)
