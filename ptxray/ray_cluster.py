@@ -194,7 +194,7 @@ def _cluster_env(cluster_id: str, token_path: Path, dashboard_url: str) -> dict[
 
     RAY_API_SERVER_ADDRESS is the cluster's own dashboard: State API and job clients inside the
     cluster that are given no address (Ray Train's placement-group cleaner) would otherwise scan
-    this machine for "the" cluster and fail when another Ray instance runs here (ptxray.ray_hooks)."""
+    this machine for "the" cluster and fail when another Ray instance runs here (see ray_data.init_ray)."""
     env = {k: v for k, v in os.environ.items() if k not in _INHERITED_RAY_VARS}
     # Job entrypoints (`python jobs/kfold.py`) resolve `python` on the raylet's PATH: put this
     # interpreter's bin dir first so jobs run in the same environment as ptxray.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from typing import Any, Iterator, Sequence
 
@@ -21,7 +22,6 @@ from ptxray import cache as cache_mod
 from ptxray import storage
 from ptxray.config import Config
 from ptxray.masks import read_labels
-from ptxray.ray_hooks import with_worker_setup_hook
 
 log = logging.getLogger("ptxray")
 
@@ -43,11 +43,41 @@ def init_ray(address: str = "", **kwargs: Any) -> bool:
         # placement-group cleaner polls; without it a stopped trial's resources are never freed.
         kwargs.setdefault("include_dashboard", True)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
-        # Its workers' address-less State API calls must find this cluster, not fail on another
-        # Ray instance on this machine (ptxray.ray_hooks).
-        kwargs["runtime_env"] = with_worker_setup_hook(kwargs.get("runtime_env"))
-        ray.init(address="local", **kwargs)
+        # Ray Train's placement-group cleaner (like any State API call made without an address)
+        # finds "the" cluster by scanning this machine's processes; with a second Ray instance
+        # running here (another user's, a test's, `ptxray cluster up`) that scan fails with "Found
+        # multiple active Ray instances", the cleaner's thread dies, and an ASHA-stopped trial's
+        # placement group (its CPUs) is never released: the next trial waits forever. So every
+        # process of this Ray inherits RAY_API_SERVER_ADDRESS = its own dashboard, which those
+        # calls use first. Inherited, not set by a job-level runtime_env: workers of a runtime_env
+        # are new processes, so Ray's prestarted workers would idle while the first tasks waited
+        # ~1 s for workers of their own (a tenth of a 2,000-image prepare on 2 cores).
+        port = kwargs.setdefault("dashboard_port", _free_port())
+        with _environ(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+            ray.init(address="local", **kwargs)
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))  # all interfaces: a port someone holds on any address is not free for us
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """os.environ with `values` for the block (what the processes started in it inherit), then as before:
+    this driver's own later clients (a `ray job submit` to another cluster) must not inherit it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

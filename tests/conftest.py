@@ -134,8 +134,8 @@ def ray_local(moto_s3):
 
     # ptxray's own embedded start (address ""; RAY_ADDRESS is not set in tests): the dashboard on
     # 127.0.0.1 (it serves the State API, which Ray Train's placement-group cleaner polls: without it
-    # a stopped trial's placement group, its CPUs, is never released) and the workers' setup hook
-    # that points that cleaner at this cluster when other Ray instances run here.
+    # a stopped trial's placement group, its CPUs, is never released) and RAY_API_SERVER_ADDRESS in
+    # its processes, which points that cleaner at this cluster when other Ray instances run here.
     assert "RAY_ADDRESS" not in os.environ, "tests start their own Ray; unset RAY_ADDRESS"
     # Four logical CPUs on two cores: a 1-CPU Train worker, the Ray Data reads and metadata tasks
     # that feed it, and a finishing trial's cleanup must all find room, or a trial waits forever.

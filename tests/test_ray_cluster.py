@@ -299,6 +299,25 @@ def test_workers_state_api_finds_their_own_cluster_while_another_ray_runs_here(r
     assert ray.get(state_api_nodes.remote(), timeout=120) == [ray.get_runtime_context().get_node_id()]
 
 
+def test_embedded_ray_points_its_processes_at_its_own_dashboard_without_a_runtime_env(ray_local):
+    """The pointer above reaches the workers by inheritance, not through a job-level runtime_env
+    (whose tasks need new worker processes while Ray's prestarted ones idle, ~1 s before the first
+    task of a prepare); the driver's own environment is left as it was."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def probe() -> tuple[str | None, dict]:
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), dict(ray.get_runtime_context().runtime_env)
+
+    api, runtime_env = ray.get(probe.remote(), timeout=120)
+    assert runtime_env == {}
+    assert api is not None and api.startswith("http://127.0.0.1:"), api
+    from ray.util.state import list_nodes
+
+    assert [n.node_id for n in list_nodes(address=api)] == [ray.get_runtime_context().get_node_id()]  # this cluster's
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+
 def test_ray_job_submit_runs_on_both_nodes(ray_local, local_cluster, tmp_path, capsys):
     # ray_local: a second Ray instance on this machine, which the job's address-less State API
     # call (the placement-group cleaner's kind) must not stumble on.
