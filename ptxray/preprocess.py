@@ -242,11 +242,13 @@ def make_channels(
     clahe_tile_grid: int = 8,
     ahe_tile_grid: int = 8,
     beasf_gamma: float = 0.5,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resize a grey-level image to size x size and stack the requested enhancements.
 
     image: uint8 (H, W). Returns a C-contiguous uint8 (C, size, size), channel i = channels[i],
-    computed by the function registered for that name (`register_channel`).
+    computed by the function registered for that name (`register_channel`); written into `out`
+    when given (C-contiguous uint8 of that shape: prepare hands each image its slot of one buffer).
 
     The image is resized FIRST (INTER_AREA, the right filter for downscaling 1024 -> 512) and the
     enhancements are computed on the resized image: the cache stores the training resolution, the
@@ -272,7 +274,11 @@ def make_channels(
     _check_gamma(beasf_gamma, "make_channels")
     settings = ChannelSettings(float(clahe_clip_limit), int(clahe_tile_grid), int(ahe_tile_grid), float(beasf_gamma))
 
-    out = np.empty((len(channels), size, size), dtype=np.uint8)  # (C, size, size)
+    shape = (len(channels), size, size)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)  # (C, size, size)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"make_channels: out must be a C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}")
     # Resize once into the first "raw" slot if there is one, else into a scratch buffer.
     raw_index = channels.index("raw") if "raw" in channels else None
     resized = _resize_area(image, size, dst=out[raw_index] if raw_index is not None else None)
@@ -282,8 +288,8 @@ def make_channels(
     return out
 
 
-def channels_from_config(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """`make_channels` with the settings of a `PreprocessConfig` (uint8 (C, size, size))."""
+def channels_from_config(image: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """`make_channels` with the settings of a `PreprocessConfig` (uint8 (C, size, size), in `out` if given)."""
     return make_channels(
         image,
         cfg.channels,
@@ -292,6 +298,7 @@ def channels_from_config(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray
         clahe_tile_grid=cfg.clahe_tile_grid,
         ahe_tile_grid=cfg.ahe_tile_grid,
         beasf_gamma=cfg.beasf_gamma,
+        out=out,
     )
 
 

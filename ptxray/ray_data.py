@@ -99,12 +99,14 @@ def _decode_batch(
     # One image at a time per task: Ray runs one task per CPU, and OpenCV's default pool (a thread
     # per core in every worker) would only make the workers' threads fight for the same cores.
     cv2.setNumThreads(1)
+    paths = batch.column("path").to_pylist()
+    buffers = cache_mod.PixelBuffers(len(paths), pre)
     rows = []
-    for shown, data, reason in cache_mod.read_listed_files(fs, batch.column("path").to_pylist(), display_prefix):
+    for i, (shown, data, reason) in enumerate(cache_mod.read_listed_files(fs, paths, display_prefix)):
         if data is None:
             rows.append(cache_mod.quarantine_row(shown, reason))
         else:
-            rows.append(cache_mod.build_row(data, shown, labels, pre, rle_scheme, unlabeled, colour))
+            rows.append(cache_mod.build_row(data, shown, labels, pre, rle_scheme, unlabeled, colour, out=buffers.slots(i)))
     return cache_mod.rows_to_table(rows)
 
 
@@ -201,6 +203,10 @@ def _write_cache_rows(cfg: Config, fs, paths: list[str], tasks: int, labels, dis
         for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
         if b > a
     ]  # fmt: skip
+    # While the tasks run, import what the driver needs after them: scikit-learn's fold splitter
+    # (build_index) costs ~1.2 s of CPU to import, which at the end would leave a core idle.
+    import sklearn.model_selection  # noqa: F401
+
     try:
         light = ray.get(refs)
     except BaseException:

@@ -146,6 +146,42 @@ def test_rows_to_table_builds_the_pixel_columns_pyarrow_would(monkeypatch):
     assert table.column("image").num_chunks == 2 and table.equals(expected)
 
 
+def test_rows_written_into_pixel_buffers_become_columns_without_a_copy(monkeypatch):
+    """prepare's rows hold views of one PixelBuffers pair: the table wraps those buffers (no copy
+    of ~1 MB a row) and equals the table of the same rows as separate arrays; anything else (rows
+    out of order, a column over the offsets' limit) takes the copying path to the same table."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(1)
+    pre = replace(CFG.preprocess, image_size_px=8)
+    buffers = cache_mod.PixelBuffers(4, pre)
+    assert buffers.images.shape == (4, len(pre.channels), 8, 8) and not buffers.masks.any()
+    rows = []
+    for i in range(4):
+        light = dict.fromkeys(cache_mod.LIGHT_COLUMNS)
+        if i == 2:  # quarantined: its slot is left as it was, and the value is null
+            rows.append(dict(light, path=f"p{i}.dcm", error="p2.dcm: truncated", image=None, mask=None))
+            continue
+        image, mask = buffers.slots(i)
+        image[...] = rng.integers(0, 256, image.shape, dtype=np.uint8)
+        mask[...] = rng.integers(0, 2, mask.shape, dtype=np.uint8)
+        rows.append(dict(light, image_id=f"id{i}", path=f"p{i}.dcm", labelled=True, image=image, mask=mask))
+
+    table = cache_mod.rows_to_table(rows)
+    copies = [dict(r, image=None if r["image"] is None else r["image"].copy(), mask=None if r["mask"] is None else r["mask"].copy()) for r in rows]
+    assert table.equals(cache_mod.rows_to_table(copies))
+    for name, buffer in (("image", buffers.images), ("mask", buffers.masks)):
+        (chunk,) = table.column(name).chunks
+        assert chunk.buffers()[2].address == buffer.ctypes.data, f"{name}: copied"
+        assert chunk.is_null().to_pylist() == [False, False, True, False]
+    assert table.column("image")[3].as_py() == buffers.images[3].tobytes()
+
+    shuffled = [rows[1], rows[0], rows[2], rows[3]]
+    assert cache_mod.rows_to_table(shuffled).equals(cache_mod.rows_to_table([copies[1], copies[0], copies[2], copies[3]]))
+    monkeypatch.setattr(cache_mod, "MAX_BINARY_CHUNK_BYTES", 400)  # the image buffer (768 bytes) is over it
+    assert cache_mod.rows_to_table(rows).equals(table)
+
+
 def test_prepare_tasks_cover_the_files_in_whole_rounds_over_the_cpus():
     from ptxray.ray_data import prepare_tasks
 

@@ -61,6 +61,17 @@ def test_make_channels_every_channel_in_any_order_matches_the_single_functions()
         np.testing.assert_array_equal(out[i], expected[name], err_msg=f"channel {i} ({name})")
 
 
+def test_make_channels_writes_into_a_given_buffer():
+    img = _structured(128, seed=3)
+    out = np.full((3, 64, 64), 7, np.uint8)
+    assert P.make_channels(img, ("raw", "clahe", "beasf"), 64, out=out) is out
+    np.testing.assert_array_equal(out, P.make_channels(img, ("raw", "clahe", "beasf"), 64))
+    for bad in (np.empty((3, 64, 32), np.uint8), np.empty((2, 64, 64), np.uint8), np.empty((3, 64, 64), np.float32),
+                np.empty((3, 64, 128), np.uint8)[:, :, ::2]):
+        with pytest.raises(ValueError, match="out must be a C-contiguous uint8 array of shape"):
+            P.make_channels(img, ("raw", "clahe", "beasf"), 64, out=bad)
+
+
 def test_make_channels_without_raw_and_non_square_input():
     image = _structured(400, seed=5)[:, :280]  # (400, 280), a non-contiguous view
     out = P.make_channels(image, ("he",), 64)
