@@ -24,13 +24,16 @@ throughput, and driver memory against dataset size.
    baseline, and the same in every run.
    `stages_ms` splits the ptxray column (each stage timed on its own, same statistic), and
    `reduced_vs_full_decode` gives the pixel difference of the 1/2-scale path per channel.
-2. `prepare` through Ray Data on all cores (`--cpus`), a fresh driver process per run: images/s;
+2. `prepare` (Ray tasks) on all cores (`--cpus`), a fresh driver process and cache folder per run: images/s;
    `efficiency` = images/s / (CPUs / the per-image CPU seconds of 1., synthetic files), i.e. the
    share of what the cores could do if they only decoded and preprocessed; the CPU seconds of
    every process during the run (driver, Ray's daemons, workers) and `cpu_efficiency` = per-image
    CPU / all CPU per image, the bound that wall-clock efficiency reaches on an idle machine and the
    figure to read when other jobs share the cores; the driver's peak RSS, which must not grow with
-   the number of images.
+   the number of images. `task_body_cpu_ms_per_image`: one prepare task's whole body (read,
+   decode, preprocess, masks, Arrow table, Parquet write) in this process without Ray, and
+   `parallel_efficiency` = images/s / (CPUs / that): the share that the Ray wiring, the driver and
+   Ray's own processes leave of what the cores could do running the task body alone.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -199,7 +203,7 @@ def cpu_by_process():
 
 before = cpu_by_process()
 t = time.perf_counter()
-s = ray_data.prepare(cfg, images=data + "/dicom-images-train", labels=data + "/train-rle.csv", cache=cache, force=True)
+s = ray_data.prepare(cfg, images=data + "/dicom-images-train", labels=data + "/train-rle.csv", cache=cache)
 dt = time.perf_counter() - t
 after = cpu_by_process()
 groups = {}
@@ -210,6 +214,33 @@ print(json.dumps({"images": s["images"], "seconds": round(dt, 2), "images_per_s"
                   "cpu_seconds": {k: round(v, 2) for k, v in sorted(groups.items())},
                   "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
+
+
+def task_body_cpu_ms(data: Path, size: int, chunks: int = 4, per_task: int = 64) -> float:
+    """CPU ms per image of one prepare task's whole body in this process, without Ray: read the
+    files, decode, preprocess, masks, the Arrow table, the Parquet file. Chunks of `per_task`
+    distinct files of `data` (the first warms up); the median over chunks."""
+    import pyarrow.fs as pafs
+
+    from ptxray import ray_data
+    from ptxray.config import load_config
+    from ptxray.masks import read_labels
+
+    cfg = load_config(None, [f"preprocess.image_size_px={size}"])
+    paths = sorted(str(p) for p in (data / "dicom-images-train").rglob("*.dcm"))[: (chunks + 1) * per_task]
+    labels = read_labels(str(data / "train-rle.csv"))
+    fs = pafs.LocalFileSystem()
+    out = tempfile.mkdtemp(prefix="task-body-")
+    ms = []
+    try:
+        for i in range(0, len(paths), per_task):
+            c = time.process_time()
+            ray_data._prepare_part(paths[i:i + per_task], fs, labels, cfg.preprocess, cfg.data.rle_scheme, cfg.data.unlabeled, "",
+                                   cfg.data.colour, fs, f"{out}/part.parquet")  # fmt: skip
+            ms.append((time.process_time() - c) / len(paths[i:i + per_task]) * 1e3)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return statistics.median(ms[1:])
 
 
 def pipeline(n: int, workdir: Path, size: int, cpus: int, per_image_cpu_ms: float) -> dict:
@@ -223,10 +254,16 @@ def pipeline(n: int, workdir: Path, size: int, cpus: int, per_image_cpu_ms: floa
     data = workdir / f"synth-{n}"
     if not (data / "train-rle.csv").exists():
         generate(str(data), n=n, size=1024, positive_rate=0.22, seed=1)
-    out = subprocess.run(
-        [sys.executable, "-c", PREPARE_CHILD, str(data), str(workdir / f"cache-{n}"), str(size), str(cpus)],
-        capture_output=True, text=True, check=True,
-    )
+    # A fresh cache folder: the first prepare of a data set (a forced rebuild would also delete
+    # the last run's files, ~1.5 GB at 2,000 images, inside the timed window).
+    cache = Path(tempfile.mkdtemp(prefix=f"cache-{n}-", dir=workdir))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", PREPARE_CHILD, str(data), str(cache), str(size), str(cpus)],
+            capture_output=True, text=True, check=True,
+        )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     run = json.loads(out.stdout.strip().splitlines()[-1])
     cpu_ms_per_image = sum(run["cpu_seconds"].values()) / run["images"] * 1e3
     run["cpu_ms_per_image"] = round(cpu_ms_per_image, 2)
@@ -277,6 +314,14 @@ def main() -> None:
         dict(n=n, repeat=r, cpus=args.cpus, per_image_cpu_ms=per_image_ms, **pipeline(n, workdir, args.cache_size, args.cpus, per_image_ms))
         for n in args.sizes for r in range(args.pipeline_repeats)
     ]
+    # What the pipeline does per image besides the baseline's work (reading the file, the mask,
+    # the Arrow table, the Parquet write), measured in this process without Ray: the per-image
+    # cost that the Ray wiring, the driver and Ray's own processes add to is this, not the baseline.
+    if args.sizes:
+        body_ms = task_body_cpu_ms(workdir / f"synth-{max(args.sizes)}", args.cache_size)
+        result["task_body_cpu_ms_per_image"] = round(body_ms, 3)
+        for run in result["pipeline"]:
+            run["parallel_efficiency"] = round(run["images_per_s"] / (args.cpus / (body_ms / 1e3)), 3)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
