@@ -75,6 +75,7 @@ from ptxray.batchsize import (
 )
 from ptxray.cache import Cache
 from ptxray.config import Config
+from ptxray.metrics import benchmark_metrics
 from ptxray.engine import (
     autocast,
     batch_from_numpy,
@@ -123,19 +124,20 @@ PAPER_SET = (
 )
 OTHER_DECODERS = ("unetplusplus", "manet", "linknet", "pspnet", "pan", "upernet")
 
-# Columns of the CSV / table, in order (the JSON has these plus history and search attempts).
-RESULT_COLUMNS = (
-    "name", "arch", "encoder", "encoder_weights", "status", "error",
-    "params_trainable", "params_total", "gflops_per_image",
-    "max_batch_size", "max_batch_limit", "max_batch_cap", "batch_size",
-    "train_images_per_s", "train_images_per_s_min", "train_images_per_s_max",
-    "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max",
-    "peak_memory_bytes", "peak_memory_kind",
-    "epochs_completed", "train_steps", "train_images_seen", "train_seconds",
-    "val_dice", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice", "val_dice_cls",
-    "val_n_images", "val_n_positive",
-    "device", "device_name", "torch_threads", "seconds_total",
-)  # fmt: skip
+
+def result_columns() -> tuple[str, ...]:
+    """Columns of results.csv, in order (the JSON has these plus history and search attempts)."""
+    return (
+        "name", "arch", "encoder", "encoder_weights", "status", "error",
+        "params_trainable", "params_total", "gflops_per_image",
+        "max_batch_size", "max_batch_limit", "max_batch_cap", "batch_size",
+        "train_images_per_s", "train_images_per_s_min", "train_images_per_s_max",
+        "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max",
+        "peak_memory_bytes", "peak_memory_kind",
+        "epochs_completed", "train_steps", "train_images_seen", "train_seconds",
+        *benchmark_metrics(),  # the metrics registered with a benchmark position (ptxray.metrics)
+        "device", "device_name", "torch_threads", "seconds_total",
+    )  # fmt: skip
 
 
 # ---- what to compare ------------------------------------------------------------------------
@@ -559,7 +561,7 @@ def _measure(
     row["epochs_completed"] = last["epochs_completed"]
     for key in ("train_steps", "train_images_seen", "train_seconds"):
         row[key] = last[key]
-    for key in ("val_dice", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice", "val_dice_cls", "val_n_images", "val_n_positive"):
+    for key in benchmark_metrics():
         row[key] = last.get(key)
     log.info(
         "%s: after %s: val_dice %.4f (empty baseline %.4f), dice_pos %.4f, auc %.3f",
@@ -1066,11 +1068,12 @@ def write_report(
         "smp": env["versions"]["segmentation-models-pytorch"],
         "command": command,
     }
+    columns = result_columns()
     with open(files["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS) + list(context))
+        writer = csv.DictWriter(f, fieldnames=list(columns) + list(context))
         writer.writeheader()
         for r in results:
-            writer.writerow({**{k: _csv_value(r.get(k)) for k in RESULT_COLUMNS}, **context})
+            writer.writerow({**{k: _csv_value(r.get(k)) for k in columns}, **context})
     Path(files["json"]).write_text(json.dumps(_json_clean(report), indent=2, default=str) + "\n")
     Path(files["markdown"]).write_text(_markdown(report))
     return report
@@ -1082,7 +1085,6 @@ __all__ = [
     "OTHER_DECODERS",
     "PAPER_SET",
     "PRESETS",
-    "RESULT_COLUMNS",
     "arch_config",
     "benchmark_architecture",
     "check_cache",
@@ -1091,6 +1093,7 @@ __all__ = [
     "measure_rate",
     "parse_archs",
     "print_table",
+    "result_columns",
     "run_local",
     "table_rows",
     "train_for_budget",

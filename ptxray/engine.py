@@ -55,7 +55,7 @@ from ptxray.checkpoint import (
 )
 from ptxray.config import Config, OptimConfig
 from ptxray.losses import build_loss, weight_penalty
-from ptxray.metrics import SegMetrics
+from ptxray.metrics import SegMetrics, format_epoch_metrics
 from ptxray.storage import is_uri, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -1036,10 +1036,8 @@ def _log_epoch(
     train_seconds = max(train_stats["seconds"], 1e-9)
     monitor_text = "" if monitor == "val_dice" else f"  {monitor} {monitored:.4f}"
     logger.info(
-        "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (cls-gated %.4f, empty %.4f, pos %.4f, auc %.3f)%s%s  "
-        "lr %.2e  %.1fs, data wait %.0f%%",
-        metrics["epoch"] + 1, epochs, metrics["train_loss"], metrics["train_dice"], metrics["val_dice"],
-        metrics["val_dice_cls"], metrics["val_empty_dice"], metrics["val_dice_pos"], metrics["val_auc"],
+        "epoch %d/%d  train_loss %.4f  train_dice %.4f  %s%s%s  lr %.2e  %.1fs, data wait %.0f%%",
+        metrics["epoch"] + 1, epochs, metrics["train_loss"], metrics["train_dice"], format_epoch_metrics(metrics),
         monitor_text, " *best" if improved else "", metrics["lr"], metrics["seconds"],
         100.0 * train_stats["data_wait_seconds"] / train_seconds,
     )  # fmt: skip
