@@ -53,7 +53,7 @@ from ptxray.checkpoint import (
     save_checkpoint,
     strip_module_prefix,
 )
-from ptxray.config import Config, OptimConfig
+from ptxray.config import Config, OptimConfig, upgrade_config_dict
 from ptxray.losses import build_loss, weight_penalty
 from ptxray.metrics import SegMetrics, format_epoch_metrics
 from ptxray.storage import is_uri, write_bytes_atomic
@@ -883,7 +883,8 @@ def _resume(parts: _TrainingParts, source: str | Path, config_dict: dict[str, An
     """Load `source` (a last.pt) into the parts; `stopped_early` stays True only when early
     stopping, as configured now, still allows no further epoch (fit then trains nothing)."""
     state = load_checkpoint(source, map_location="cpu")
-    saved_config = _flatten(state.get("config") or {})
+    # A checkpoint of an earlier version may hold moved keys (model.depth): compare at their new place.
+    saved_config = _flatten(upgrade_config_dict(state.get("config") or {}, str(source)))
     changed = {k: v for k, v in _flatten(config_dict).items() if saved_config.get(k, v) != v}
     if changed:
         logger.warning(
