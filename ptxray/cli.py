@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set optim.lr=1e-4 (repeatable)",
     )
+
+
+# Test hook, never set in production: the JSON of ray_tune.run_experiment's `debug_hooks`. Read here,
+# at the entry point a `ray job submit` test reaches (jobs/kfold.py, `ptxray demo`), and passed down.
+DEBUG_ENV = "PTXRAY_DEBUG_TRAIN"
+
+
+def _debug_hooks_from_env() -> dict[str, Any] | None:
+    spec = os.environ.get(DEBUG_ENV)
+    return json.loads(spec) if spec else None
 
 
 def _config(args: argparse.Namespace):
@@ -220,7 +231,9 @@ def cmd_kfold(args: argparse.Namespace) -> int:
             prepared = ray_data.prepare(cfg, images=images, labels=labels, cache=cache)
             print_prepare_summary(prepared)
             cache = prepared["cache"]
-        ray_tune.run_experiment(cfg, cache, max_concurrent_trials=args.max_concurrent_trials)
+        ray_tune.run_experiment(
+            cfg, cache, max_concurrent_trials=args.max_concurrent_trials, debug_hooks=_debug_hooks_from_env()
+        )
     return 0
 
 

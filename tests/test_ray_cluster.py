@@ -206,7 +206,7 @@ def test_demo_stopped_by_sigint_then_sigterm_leaves_nothing_running_and_resumes(
     to the end. After each stop no process of that head or its job runs (by pid: the GCS, the
     raylet, workers, the job driver, `ray job submit`); each run resumes the experiment: fold 0,
     finished in the second run, is not re-run, and each fold continues from its checkpoint."""
-    from ptxray.ray_tune import DEBUG_ENV
+    from ptxray.cli import DEBUG_ENV
 
     work, debug = tmp_path / "demo", tmp_path / "debug"
     exp = work / "runs" / "kfold"
@@ -415,7 +415,7 @@ def test_kfold_job_driver_killed_then_resubmitted_resumes_without_rerunning(loca
     from its checkpoint without repeating epoch 0."""
     import psutil
 
-    from ptxray.ray_tune import DEBUG_ENV
+    from ptxray.cli import DEBUG_ENV
 
     runs, debug = tmp_path / "runs", tmp_path / "debug"
     cmd = (
