@@ -145,7 +145,7 @@ class ComputeConfig:
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     max_failures: int = 1
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # NHWC activations, CUDA and CPU (oneDNN: 1.15-1.4x faster training on CPU)
+    channels_last: bool = True  # NHWC activations, CUDA and CPU (faster on both: the README's channels_last benchmark)
     prepare_batch_size: int = 64  # images per `prepare` task (read, decode, write one Parquet file)
     prefetch_mb: int = 512  # uint8 train batches a Ray Train worker may build ahead of the model (ptxray.ray_train)
     # A Ray Train worker keeps its training shard in memory (uint8) after the first epoch when it

@@ -795,12 +795,12 @@ def fit(
         train_stats = train_epoch(
             model, batches, parts.optimizer, parts.loss_fn, device=device,
             scheduler=parts.scheduler if scheduler_steps_per_batch(parts.scheduler) else None,
-            amp=parts.amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=parts.penalty,
-            channels_last=parts.channels_last, augment=device_augment, generator=generator,
+            amp=cfg.compute.amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=parts.penalty,
+            channels_last=cfg.compute.channels_last, augment=device_augment, generator=generator,
         )  # fmt: skip
         lr = float(parts.optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
         val_stats = evaluate(
-            model, val_batches(), device=device, amp=parts.amp, channels_last=parts.channels_last, loss_fn=parts.loss_fn
+            model, val_batches(), device=device, amp=cfg.compute.amp, channels_last=cfg.compute.channels_last, loss_fn=parts.loss_fn
         )
         metrics, monitored = _epoch_metrics(epoch, train_stats, val_stats, cfg.train.monitor)
         step_epoch_scheduler(parts.scheduler, monitored)
@@ -837,17 +837,14 @@ class _TrainingParts:
     loss_fn: nn.Module
     penalty: Callable[[nn.Module], Tensor] | None
     stopper: EarlyStopping
-    amp: bool
-    channels_last: bool
 
 
 def _training_parts(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int | None) -> _TrainingParts:
     """Move the model to `device` (unless DDP wraps it: the runner did) and build the optimizer,
     scheduler, loss, weight penalty and early stopping of `cfg`."""
-    channels_last = cfg.compute.channels_last
     core = unwrap_model(model)
     if core is model:
-        if channels_last:
+        if cfg.compute.channels_last:
             model.to(device, memory_format=torch.channels_last)
         else:
             model.to(device)
@@ -864,8 +861,6 @@ def _training_parts(model: nn.Module, cfg: Config, device: torch.device, steps_p
         loss_fn=build_loss(cfg.loss).to(device),
         penalty=(lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None,
         stopper=EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta),
-        amp=cfg.compute.amp and device.type == "cuda",
-        channels_last=channels_last,
     )
 
 
