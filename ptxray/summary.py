@@ -17,9 +17,6 @@ from typing import Any, Sequence
 from ptxray import storage
 from ptxray.metrics import summary_metrics, summary_titles
 
-# Reported per configuration as mean ± std over folds, each fold at its best epoch: the metrics
-# registered with a summary position (ptxray.metrics), in that order.
-
 
 @dataclass
 class TrialRecord:
@@ -76,6 +73,8 @@ def summarize(
     groups: dict[str, list[TrialRecord]] = {}
     for t in trials:
         groups.setdefault(config_key(t.params), []).append(t)
+    # Reported per configuration as mean ± std over folds, each fold at its best epoch: the metrics
+    # registered with a summary position (ptxray.metrics), in that order, and the one searched on.
     shown = summary_metrics()
     reported = shown + ((metric,) if metric not in shown else ())
     rows = []
