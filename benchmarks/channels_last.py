@@ -32,7 +32,7 @@ def step_seconds(arch: str, size: int, batch: int, nhwc: bool, steps: int, repea
     name, _, option = arch.partition(":")
     overrides = {"model.arch": name, "preprocess.image_size_px": size}
     if name == "unet_vanilla":
-        overrides["model.base_filters"] = int(option or 16)
+        overrides["model.vanilla.base_filters"] = int(option or 16)
     else:
         overrides["model.encoder"] = option or "resnet34"
     cfg = Config().with_overrides(overrides)

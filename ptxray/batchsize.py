@@ -363,6 +363,10 @@ def training_probe(
     return try_batch
 
 
+def _default_cap(device: torch.device | str) -> int:
+    return DEFAULT_MAX_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
 def find_max_batch_size(
     cfg: Config,
     device: torch.device | str,
@@ -383,9 +387,8 @@ def find_max_batch_size(
     no budget on CUDA (OOM decides), DEFAULT_CPU_MEMORY_FRACTION of the available memory on CPU.
     """
     device = torch.device(device)
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    cap = max_batch_size or DEFAULT_MAX_BATCH_SIZE[kind]
-    if memory_budget_bytes is None and kind == "cpu":
+    cap = max_batch_size or _default_cap(device)
+    if memory_budget_bytes is None and device.type != "cuda":
         memory_budget_bytes = int(DEFAULT_CPU_MEMORY_FRACTION * available_memory_bytes())
     try_batch = training_probe(cfg, device, sample=sample, compile_model=compile_model)
     try:
@@ -404,25 +407,18 @@ def find_max_batch_size(
 
 
 def resolve_batch_size(
-    cfg: Config,
-    device: torch.device | str,
-    *,
-    sample: tuple[np.ndarray, np.ndarray] | None = None,
-    n_train: int = 0,
-    memory_budget_bytes: int | None = None,
+    cfg: Config, device: torch.device | str, *, n_train: int = 0, **search: Any
 ) -> tuple[Config, SearchResult | None]:
-    """`cfg` with `train.batch_size: auto` replaced by the search's result (unchanged otherwise).
+    """`cfg` with `train.batch_size: auto` replaced by `find_max_batch_size`'s result (unchanged
+    otherwise); `search` are its keywords (`sample`, `memory_budget_bytes`).
 
     `n_train` (training images, when known) caps the search: a larger batch only repeats images.
     """
     if cfg.train.batch_size != "auto":
         return cfg, None
-    cap = DEFAULT_MAX_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
     if n_train > 0:
-        cap = min(cap, n_train)
-    result = find_max_batch_size(
-        cfg, device, sample=sample, max_batch_size=cap, memory_budget_bytes=memory_budget_bytes
-    )
+        search["max_batch_size"] = min(_default_cap(device), n_train)
+    result = find_max_batch_size(cfg, device, **search)
     return replace(cfg, train=replace(cfg.train, batch_size=result.batch_size)), result
 
 

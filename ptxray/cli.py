@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set optim.lr=1e-4 (repeatable)",
     )
+
+
+# Test hook, never set in production: the JSON of ray_tune.run_experiment's `debug_hooks`. Read here,
+# at the entry point a `ray job submit` test reaches (jobs/kfold.py, `ptxray demo`), and passed down.
+DEBUG_ENV = "PTXRAY_DEBUG_TRAIN"
+
+
+def _debug_hooks_from_env() -> dict[str, Any] | None:
+    spec = os.environ.get(DEBUG_ENV)
+    return json.loads(spec) if spec else None
 
 
 def _config(args: argparse.Namespace):
@@ -220,7 +231,9 @@ def cmd_kfold(args: argparse.Namespace) -> int:
             prepared = ray_data.prepare(cfg, images=images, labels=labels, cache=cache)
             print_prepare_summary(prepared)
             cache = prepared["cache"]
-        ray_tune.run_experiment(cfg, cache, max_concurrent_trials=args.max_concurrent_trials)
+        ray_tune.run_experiment(
+            cfg, cache, max_concurrent_trials=args.max_concurrent_trials, debug_hooks=_debug_hooks_from_env()
+        )
     return 0
 
 
@@ -465,6 +478,13 @@ def _add_address(p: argparse.ArgumentParser, help: str = "Ray address (default: 
     p.add_argument("--address", default="", help=help)
 
 
+def _add_ray_config_command(p: argparse.ArgumentParser, func, address_help: str | None = None) -> None:
+    """The common end of a command that runs a config on Ray: --address, --config/--set, the handler."""
+    _add_address(p, *([address_help] if address_help else []))
+    _add_config_args(p)
+    p.set_defaults(func=func)
+
+
 def _add_data_inputs(p: argparse.ArgumentParser) -> None:
     """--images/--labels/--cache of the commands that prepare (or reuse) the cache before they run."""
     p.add_argument("--images", help="DICOM folder or s3:// prefix (with --labels: prepare or reuse the cache)")
@@ -528,9 +548,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when compute.use_gpu and available)")
     p.add_argument("--ray", action="store_true", help="train on Ray Train (compute.num_workers DDP workers) instead of in-process")
     p.add_argument("--run-name", help="with --ray: the Train run's name under compute.storage_path (the same name resumes)")
-    _add_address(p, "with --ray: Ray address (default: the job's cluster, else embedded)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train)
+    _add_ray_config_command(p, cmd_train, "with --ray: Ray address (default: the job's cluster, else embedded)")
 
 
 def _add_kfold_parser(sub: argparse._SubParsersAction) -> None:
@@ -539,9 +557,7 @@ def _add_kfold_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="experiment name (search.name); the same name resumes")
     p.add_argument("--no-early-stop", action="store_true", help="run every trial to the end (no ASHA)")
     p.add_argument("--max-concurrent-trials", type=int, help="default: what the cluster's CPUs/GPUs fit")
-    _add_address(p)
-    _add_config_args(p)
-    p.set_defaults(func=cmd_kfold)
+    _add_ray_config_command(p, cmd_kfold)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -629,9 +645,7 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chexnet", help="CheXNet checkpoint (model.pth.tar) for the densenet121 encoders (default: random init)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs each trial reserves")
     p.add_argument("--max-concurrent-trials", type=int, help="Ray: default one per GPU, or one at a time on CPUs")
-    _add_address(p)
-    _add_config_args(p)
-    p.set_defaults(func=cmd_benchmark)
+    _add_ray_config_command(p, cmd_benchmark)
 
 
 def _add_config_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,10 +8,12 @@ change under a running job.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,15 +60,11 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    # ptxray.models.available_architectures(): unet_vanilla, fcn, and every smp architecture
-    # (unet, unetplusplus, manet, linknet, fpn, pspnet, deeplabv3, deeplabv3plus, pan, upernet, ...)
-    arch: str = "unet_vanilla"
-    encoder: str = "resnet34"  # smp/timm encoder name (smp architectures and fcn)
-    encoder_weights: str = "none"  # "none", a local path, an s3:// URI, or "chexnet:<path or uri>"
-    in_channels: int = 0  # 0 = len(preprocess.channels)
-    # unet_vanilla (the paper's custom U-Net). The defaults give widths 16-24-36-54-81-122 and
-    # 781,519 trainable parameters at 3 input channels: the paper's "about 790,000".
+class VanillaUNetConfig:
+    """model.vanilla: settings of unet_vanilla (the paper's custom U-Net) alone. The defaults give
+    widths 16-24-36-54-81-122 and 781,519 trainable parameters at 3 input channels: the paper's
+    "about 790,000"."""
+
     depth: int = 5  # pooling blocks; H and W must be multiples of (2 * stride) ** depth
     base_filters: int = 16
     filter_growth: float = 1.5  # block i has round(base_filters * filter_growth ** i) filters
@@ -76,7 +74,23 @@ class ModelConfig:
     initializer: str = "glorot_uniform"  # or "he_normal"
     dropout: float = 0.1  # at the bottleneck; block i of depth d gets dropout * (i + 1) / (d + 1)
     batch_norm: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # ptxray.models.available_architectures(): unet_vanilla, fcn, and every smp architecture
+    # (unet, unetplusplus, manet, linknet, fpn, pspnet, deeplabv3, deeplabv3plus, pan, upernet, ...)
+    arch: str = "unet_vanilla"
+    encoder: str = "resnet34"  # smp/timm encoder name (smp architectures and fcn)
+    encoder_weights: str = "none"  # "none", a local path, an s3:// URI, or "chexnet:<path or uri>"
+    in_channels: int = 0  # 0 = len(preprocess.channels)
     cls_dropout: float = 0.2  # before the classification head's linear layer
+    vanilla: VanillaUNetConfig = field(default_factory=VanillaUNetConfig)
+
+
+# Keys that moved into a nested section (old dotted key -> new one). The old keys still load, from
+# YAML, saved config.yaml files of earlier runs and --set, with a FutureWarning naming the new key.
+MOVED_KEYS = {f"model.{name}": f"model.vanilla.{name}" for name in (f.name for f in fields(VanillaUNetConfig))}
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,7 @@ class ComputeConfig:
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     max_failures: int = 1
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # NHWC activations, CUDA and CPU (oneDNN: 1.15-1.4x faster training on CPU)
+    channels_last: bool = True  # NHWC activations, CUDA and CPU (faster on both: the README's channels_last benchmark)
     prepare_batch_size: int = 64  # images per `prepare` task (read, decode, write one Parquet file)
     prefetch_mb: int = 512  # uint8 train batches a Ray Train worker may build ahead of the model (ptxray.ray_train)
     # A Ray Train worker keeps its training shard in memory (uint8) after the first epoch when it
@@ -286,8 +300,42 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _moved_warning(where: str, moved: dict[str, str]) -> None:
+    listed = ", ".join(f"{old} -> {new}" for old, new in moved.items())
+    warnings.warn(
+        f"{where}: deprecated config key(s) moved: {listed}; the old names still load for now, write the new ones",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def upgrade_config_dict(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """`data` with every MOVED_KEYS key at its new place (a FutureWarning names them); `data` itself
+    when none is there. A key given both ways with different values is an error."""
+    section = data.get("model") if isinstance(data, dict) else None
+    old_names = {old.split(".", 1)[1]: new for old, new in MOVED_KEYS.items()}
+    present = [k for k in section or {} if k in old_names] if isinstance(section, dict) else []
+    if not present:
+        return data
+    data = copy.deepcopy(data)
+    model = data["model"]
+    if not isinstance(model.get("vanilla") or {}, dict):
+        raise ConfigError(f"{where}: model.vanilla: expected a mapping, got {model['vanilla']!r}")
+    nested = dict(model.get("vanilla") or {})
+    for name in present:
+        value = model.pop(name)
+        if name in nested and nested[name] != value:
+            raise ConfigError(
+                f"{where}: model.{name}={value!r} and model.vanilla.{name}={nested[name]!r} disagree; keep only the second"
+            )
+        nested[name] = value
+    model["vanilla"] = nested
+    _moved_warning(where, {f"model.{name}": old_names[name] for name in present})
+    return data
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _from_dict(Config, data)
+    return _from_dict(Config, upgrade_config_dict(data))
 
 
 def _parse_cli_value(text: str) -> Any:
@@ -310,6 +358,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | None) -
             key, text = item.split("=", 1)
             parsed[key.strip()] = _parse_cli_value(text.strip())
         overrides = parsed
+    moved = {key: MOVED_KEYS[key] for key in overrides if key in MOVED_KEYS}
+    if moved:
+        _moved_warning("overrides", moved)
+        overrides = {MOVED_KEYS.get(key, key): value for key, value in overrides.items()}
     data = cfg.to_dict()
     for key, value in overrides.items():
         parts = key.split(".")
@@ -340,6 +392,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        data = upgrade_config_dict(data, str(p))  # its errors and warnings name the file already
         try:
             cfg = config_from_dict(data)
         except ConfigError as e:
@@ -365,13 +418,16 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LossConfig",
+    "MOVED_KEYS",
     "ModelConfig",
     "OptimConfig",
     "PreprocessConfig",
     "SearchConfig",
     "TrainConfig",
+    "VanillaUNetConfig",
     "apply_overrides",
     "config_from_dict",
     "load_config",
     "section_hash",
+    "upgrade_config_dict",
 ]

@@ -9,8 +9,8 @@ quarantine list and go on.
 A caller that will shrink the image anyway (the cache stores `image_size_px`) passes `min_size_px`:
 a JPEG Baseline frame is then decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale (DCT-domain scaling,
 the largest factor that keeps both sides >= min_size_px). That skips most of the inverse DCT and the
-later resize. On the SIIM samples a 1/2-scale decode of a 1024 px frame differs from the full decode +
-INTER_AREA by 0.14 grey levels on average, 3 at most (benchmarks/ingest.py measures it every run).
+later resize; how far its pixels are from a full decode + INTER_AREA is measured by every run of
+benchmarks/ingest.py (numbers in the README's ingest benchmark).
 
 Files from the wild: a data set without the 128-byte preamble and 'DICM' prefix (old archives
 write them) is read when it starts like one (pydicom's `force=True`); without file meta information

@@ -53,9 +53,9 @@ from ptxray.checkpoint import (
     save_checkpoint,
     strip_module_prefix,
 )
-from ptxray.config import Config, OptimConfig
+from ptxray.config import Config, OptimConfig, upgrade_config_dict
 from ptxray.losses import build_loss, weight_penalty
-from ptxray.metrics import SegMetrics
+from ptxray.metrics import SegMetrics, format_epoch_metrics
 from ptxray.storage import is_uri, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -795,12 +795,12 @@ def fit(
         train_stats = train_epoch(
             model, batches, parts.optimizer, parts.loss_fn, device=device,
             scheduler=parts.scheduler if scheduler_steps_per_batch(parts.scheduler) else None,
-            amp=parts.amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=parts.penalty,
-            channels_last=parts.channels_last, augment=device_augment, generator=generator,
+            amp=cfg.compute.amp, grad_clip_norm=cfg.optim.grad_clip_norm, penalty=parts.penalty,
+            channels_last=cfg.compute.channels_last, augment=device_augment, generator=generator,
         )  # fmt: skip
         lr = float(parts.optimizer.param_groups[-1]["lr"])  # the lr of this epoch's last step
         val_stats = evaluate(
-            model, val_batches(), device=device, amp=parts.amp, channels_last=parts.channels_last, loss_fn=parts.loss_fn
+            model, val_batches(), device=device, amp=cfg.compute.amp, channels_last=cfg.compute.channels_last, loss_fn=parts.loss_fn
         )
         metrics, monitored = _epoch_metrics(epoch, train_stats, val_stats, cfg.train.monitor)
         step_epoch_scheduler(parts.scheduler, monitored)
@@ -837,17 +837,14 @@ class _TrainingParts:
     loss_fn: nn.Module
     penalty: Callable[[nn.Module], Tensor] | None
     stopper: EarlyStopping
-    amp: bool
-    channels_last: bool
 
 
 def _training_parts(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int | None) -> _TrainingParts:
     """Move the model to `device` (unless DDP wraps it: the runner did) and build the optimizer,
     scheduler, loss, weight penalty and early stopping of `cfg`."""
-    channels_last = cfg.compute.channels_last
     core = unwrap_model(model)
     if core is model:
-        if channels_last:
+        if cfg.compute.channels_last:
             model.to(device, memory_format=torch.channels_last)
         else:
             model.to(device)
@@ -864,8 +861,6 @@ def _training_parts(model: nn.Module, cfg: Config, device: torch.device, steps_p
         loss_fn=build_loss(cfg.loss).to(device),
         penalty=(lambda m: weight_penalty(m, l1, l2)) if (l1 or l2) else None,
         stopper=EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta),
-        amp=cfg.compute.amp and device.type == "cuda",
-        channels_last=channels_last,
     )
 
 
@@ -883,7 +878,8 @@ def _resume(parts: _TrainingParts, source: str | Path, config_dict: dict[str, An
     """Load `source` (a last.pt) into the parts; `stopped_early` stays True only when early
     stopping, as configured now, still allows no further epoch (fit then trains nothing)."""
     state = load_checkpoint(source, map_location="cpu")
-    saved_config = _flatten(state.get("config") or {})
+    # A checkpoint of an earlier version may hold moved keys (model.depth): compare at their new place.
+    saved_config = _flatten(upgrade_config_dict(state.get("config") or {}, str(source)))
     changed = {k: v for k, v in _flatten(config_dict).items() if saved_config.get(k, v) != v}
     if changed:
         logger.warning(
@@ -1036,10 +1032,8 @@ def _log_epoch(
     train_seconds = max(train_stats["seconds"], 1e-9)
     monitor_text = "" if monitor == "val_dice" else f"  {monitor} {monitored:.4f}"
     logger.info(
-        "epoch %d/%d  train_loss %.4f  train_dice %.4f  val_dice %.4f (cls-gated %.4f, empty %.4f, pos %.4f, auc %.3f)%s%s  "
-        "lr %.2e  %.1fs, data wait %.0f%%",
-        metrics["epoch"] + 1, epochs, metrics["train_loss"], metrics["train_dice"], metrics["val_dice"],
-        metrics["val_dice_cls"], metrics["val_empty_dice"], metrics["val_dice_pos"], metrics["val_auc"],
+        "epoch %d/%d  train_loss %.4f  train_dice %.4f  %s%s%s  lr %.2e  %.1fs, data wait %.0f%%",
+        metrics["epoch"] + 1, epochs, metrics["train_loss"], metrics["train_dice"], format_epoch_metrics(metrics),
         monitor_text, " *best" if improved else "", metrics["lr"], metrics["seconds"],
         100.0 * train_stats["data_wait_seconds"] / train_seconds,
     )  # fmt: skip

@@ -11,12 +11,10 @@ What a run does:
   its shard with a local shuffle buffer, in a background thread that starts each stream one step
   early (`ShardStreams`): val while the epoch trains, the next epoch's train while it validates.
   The thread may run `compute.prefetch_mb` of batches ahead: a shard that fits is pulled in one
-  go, which ends the epoch's Ray Data execution early. (Ray 2.60's streaming executor polls
-  without sleeping while it has no task in flight and its output waits for the consumer; its
-  split coordinator actor then holds half a CPU for the whole epoch, measured on 2 cores.)
-- Held shard: every epoch of a streamed split is a new Ray Data execution, whose read tasks start
-  worker processes that Ray stops again after a second idle: seconds to the first batch of every
-  epoch (benchmarks/feed.py). When the rank's rows fit `compute.hold_shard_mb` (and half the
+  go, which ends the epoch's Ray Data execution early (why, with the measurements: the README's
+  design section, "Only training is streamed by Ray Data").
+- Held shard (why: the README's design section, "A held shard instead of a new stream every
+  epoch"): when the rank's rows fit `compute.hold_shard_mb` (and half the
   node's available memory per local worker), the first streamed epoch keeps them as uint8 and
   later epochs draw from memory: a fresh permutation per epoch (exact positive oversampling with
   `engine.epoch_indices`, as in-process), no Ray Data execution; its validation rows are kept

@@ -6,11 +6,9 @@ Train-in-Tune, not `Tuner(trainer)`), named after the Tune trial id so a restart
 checkpoints. With `compute.num_workers: 0` (Ray Train's own convention for "no worker group") the
 trial trains in its own process, like `ptxray train` in-process, and reports each epoch with its
 checkpoint to Tune; a trial that dies is restarted by Tune from that checkpoint
-(`compute.max_failures` times). That saves the eight actors a TorchTrainer starts per trial
-(controller, worker, split coordinator, placement-group cleaner, synchronization, dataset manager,
-preemption watcher, Tune queue) and the Ray Data worker processes that feed its worker: about
-40 CPU-seconds each trial on a 2-core machine, measured in `make demo`, where a trial's training
-takes about 45.
+(`compute.max_failures` times). That saves the eight actors a TorchTrainer starts per trial and
+the Ray Data worker processes that feed its worker (what that costs, measured: the README's design
+section, "Or no worker group at all").
 """
 
 from __future__ import annotations
@@ -174,15 +172,12 @@ def _train_in_trial(cfg: Config, cache_uri: str, debug_config: dict[str, Any]) -
         shutil.rmtree(work, ignore_errors=True)
 
 
-DEBUG_ENV = "PTXRAY_DEBUG_TRAIN"
-
-
-def _debug_hooks(cfg: Config, trial_id: str, spec: str | None = None) -> dict[str, Any]:
-    """Test hook, never set in production: `PTXRAY_DEBUG_TRAIN={"debug_dir": D, "fold": k,
-    "hold_after_epoch": e}` in the job's environment (or the same JSON as `run_experiment`'s
-    `debug_hooks`) hands ray_train's debug hooks to the trials of fold k (debug files under
-    D/<trial id>), so a test can kill a job driver or a trial at a known point."""
-    spec = spec or os.environ.get(DEBUG_ENV)
+def _debug_hooks(cfg: Config, trial_id: str, spec: str | None) -> dict[str, Any]:
+    """Test hook, never set in production: `spec` is the JSON of `run_experiment`'s `debug_hooks`,
+    {"debug_dir": D, "fold": k, "hold_after_epoch": e}; it hands ray_train's debug hooks to the
+    trials of fold k (debug files under D/<trial id>), so a test can kill a job driver or a trial at
+    a known point. Library code reads no environment for it: `ptxray.cli` (what a `ray job submit`
+    test reaches) reads its `DEBUG_ENV` once and passes it to `run_experiment`."""
     if not spec:
         return {}
     hooks = json.loads(spec)

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ptxray import storage
-
-# Reported per configuration as mean ± std over folds, each fold at its best epoch.
-SUMMARY_METRICS = ("val_dice", "val_dice_cls", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice")
+from ptxray.metrics import summary_metrics, summary_titles
 
 
 @dataclass
@@ -75,7 +73,10 @@ def summarize(
     groups: dict[str, list[TrialRecord]] = {}
     for t in trials:
         groups.setdefault(config_key(t.params), []).append(t)
-    reported = SUMMARY_METRICS + ((metric,) if metric not in SUMMARY_METRICS else ())
+    # Reported per configuration as mean ± std over folds, each fold at its best epoch: the metrics
+    # registered with a summary position (ptxray.metrics), in that order, and the one searched on.
+    shown = summary_metrics()
+    reported = shown + ((metric,) if metric not in shown else ())
     rows = []
     for key, members in groups.items():
         members = sorted(members, key=lambda t: t.fold)
@@ -126,7 +127,7 @@ def print_summary(summary: dict[str, Any], console=None) -> None:
     table.add_column("folds done", justify="right")
     table.add_column("epochs", justify="right")
     table.add_column("rung", justify="right")
-    for m, title in zip(SUMMARY_METRICS, ("Dice", "Dice cls-gated", "Dice pos.", "IoU", "AUC", "empty baseline")):
+    for title in summary_titles():
         table.add_column(title, justify="right")
     for i, r in enumerate(summary["rows"], 1):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "(base config)"
@@ -137,7 +138,7 @@ def print_summary(summary: dict[str, Any], console=None) -> None:
             f"{r['folds_completed']}/{r['folds']}",
             epochs,
             str(r["rung_reached"]),
-            *[_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in SUMMARY_METRICS],
+            *[_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in summary_metrics()],
         )
     console.print(table)
     best = summary.get("best")
@@ -155,7 +156,7 @@ def write_summary(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
     buf = io.StringIO()
     rows = summary["rows"]
     fields = ["params", "folds", "folds_completed", "folds_full_length", "epochs_min", "epochs_max", "rung_reached"]
-    fields += [f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "std")]
+    fields += [f"{m}_{s}" for m in summary_metrics() for s in ("mean", "std")]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
@@ -164,4 +165,4 @@ def write_summary(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
     return json_path, csv_path
 
 
-__all__ = ["SUMMARY_METRICS", "TrialRecord", "asha_rung", "best_epoch", "print_summary", "summarize", "write_summary"]
+__all__ = ["TrialRecord", "asha_rung", "best_epoch", "print_summary", "summarize", "write_summary"]

@@ -118,7 +118,7 @@ def test_cpu_peak_memory_is_measured_per_block():
 
 
 def tiny_config(**extra):
-    overrides = {"model.base_filters": 4, "model.depth": 2, **extra}
+    overrides = {"model.vanilla.base_filters": 4, "model.vanilla.depth": 2, **extra}
     return load_config("smoke", overrides)  # unet_vanilla, 64 px, 3 channels
 
 

@@ -182,7 +182,7 @@ def test_seconds_budget_fixed_batch_and_a_failing_architecture(cache64):
 @pytest.mark.parametrize("where", ["host", "device"])
 def test_benchmark_trains_on_the_augmentation_path_training_takes(cache64, where):
     # augment.where=auto is the device path on CUDA; `device` forces it here on CPU.
-    cfg = load_config("smoke", {"augment.where": where, "model.base_filters": 4, "model.depth": 2})
+    cfg = load_config("smoke", {"augment.where": where, "model.vanilla.base_filters": 4, "model.vanilla.depth": 2})
     settings = BenchmarkSettings(epochs=1, batch_size=4, batch_search=False, warmup_steps=0, timing_steps=1, repeats=1)
     (row,) = benchmark.run_local(cfg, cache64, parse_archs("unet_vanilla"), settings)
     assert row["status"] == "ok", row["error"]
@@ -208,7 +208,7 @@ def test_ray_tune_trials_one_per_architecture(ray_local, cache64, tmp_path):
 def test_train_batch_size_auto_trains_at_the_largest_batch(cache64, tmp_path):
     from ptxray.runner import train_fold
 
-    cfg = load_config("smoke", {"train.batch_size": "auto", "model.base_filters": 4, "model.depth": 2})
+    cfg = load_config("smoke", {"train.batch_size": "auto", "model.vanilla.base_filters": 4, "model.vanilla.depth": 2})
     train_fold(cfg, cache64, tmp_path / "run", device="cpu")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     n_train = len(Cache.open(cache64).split_ids(0)[0])
@@ -218,7 +218,7 @@ def test_train_batch_size_auto_trains_at_the_largest_batch(cache64, tmp_path):
 def test_train_batch_size_auto_on_ray_train_agrees_over_workers(cache64, tmp_path):
     from ptxray import ray_train
 
-    overrides = {"train.batch_size": "auto", "model.base_filters": 4, "model.depth": 2,
+    overrides = {"train.batch_size": "auto", "model.vanilla.base_filters": 4, "model.vanilla.depth": 2,
                  "compute.num_workers": 2, "compute.cpus_per_worker": 0}  # fmt: skip
     result = ray_train.run_fold(load_config("smoke", overrides), cache64, run_name="auto", storage_path=str(tmp_path))
     with result.checkpoint.as_directory() as checkpoint:

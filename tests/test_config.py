@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptxray.config import Config, ConfigError, load_config, section_hash
+from ptxray.config import Config, ConfigError, config_from_dict, load_config, section_hash
 
 
 def test_defaults_and_derived_in_channels():
@@ -71,3 +71,34 @@ def test_augment_where_and_hold_shard_are_checked():
     assert load_config(None, ["compute.hold_shard_mb=0"]).compute.hold_shard_mb == 0
     with pytest.raises(ConfigError, match="compute.hold_shard_mb"):
         load_config(None, ["compute.hold_shard_mb=-1"])
+
+
+def test_old_flat_vanilla_keys_load_with_a_warning_naming_the_new_keys(tmp_path):
+    from ptxray.config import MOVED_KEYS, VanillaUNetConfig
+
+    assert set(MOVED_KEYS) == {f"model.{f}" for f in ("depth", "base_filters", "filter_growth", "kernel_size",
+                                                       "dilation", "stride", "initializer", "dropout", "batch_norm")}
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  arch: unet_vanilla\n  depth: 4\n  base_filters: 8\n  cls_dropout: 0.1\n")
+    with pytest.warns(FutureWarning, match=r"old\.yaml: .*model\.depth -> model\.vanilla\.depth, model\.base_filters -> model\.vanilla\.base_filters"):
+        cfg = load_config(old)
+    nested = tmp_path / "new.yaml"
+    nested.write_text("model:\n  arch: unet_vanilla\n  cls_dropout: 0.1\n  vanilla:\n    depth: 4\n    base_filters: 8\n")
+    assert cfg == load_config(nested)
+    assert cfg.model.vanilla == VanillaUNetConfig(depth=4, base_filters=8) and cfg.model.cls_dropout == 0.1
+    assert "depth" not in cfg.to_dict()["model"] and cfg.to_dict()["model"]["vanilla"]["depth"] == 4
+
+    with pytest.warns(FutureWarning, match=r"overrides: .*model\.dropout -> model\.vanilla\.dropout"):
+        overridden = load_config(nested, ["model.dropout=0.25", "optim.lr=1e-3"])
+    assert overridden.model.vanilla.dropout == 0.25 and overridden.optim.lr == 1e-3
+    assert load_config(nested, ["model.vanilla.dropout=0.25", "optim.lr=1e-3"]) == overridden
+    # A saved config.yaml of an earlier run, read back through config_from_dict.
+    flat = cfg.to_dict()
+    flat["model"].update(flat["model"].pop("vanilla"))
+    with pytest.warns(FutureWarning):
+        assert config_from_dict(flat) == cfg
+
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  depth: 4\n  vanilla:\n    depth: 5\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml: model\.depth=4 and model\.vanilla\.depth=5 disagree"):
+        load_config(both)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import yaml
 from torch import nn
 
 from ptxray import engine
-from ptxray.checkpoint import load_checkpoint
+from ptxray.checkpoint import load_checkpoint, save_checkpoint
 from ptxray.config import (
     ComputeConfig,
     Config,
@@ -25,6 +26,7 @@ from ptxray.config import (
     OptimConfig,
     PreprocessConfig,
     TrainConfig,
+    VanillaUNetConfig,
     config_from_dict,
 )
 from ptxray.engine import (
@@ -198,7 +200,7 @@ def test_evaluate_prefixes_metrics_and_restores_mode():
 def test_train_epoch_and_evaluate_on_cuda_with_bf16_and_channels_last():
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(in_channels=1, depth=3, base_filters=8)).to(device, memory_format=torch.channels_last)
+    model = build_model(ModelConfig(in_channels=1, vanilla=VanillaUNetConfig(depth=3, base_filters=8))).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, OptimConfig(lr=3e-3))
     images, masks = synth_images(8, 64, seed=0)
     batch = batch_from_numpy(images, masks)
@@ -345,7 +347,7 @@ def test_epoch_indices_hit_the_rate_evenly_and_rate_zero_is_a_permutation():
 def small_config(**train) -> Config:
     return Config(
         preprocess=PreprocessConfig(channels=("raw",), image_size_px=32),
-        model=ModelConfig(depth=2, base_filters=4, dropout=0.3, cls_dropout=0.3),
+        model=ModelConfig(cls_dropout=0.3, vanilla=VanillaUNetConfig(depth=2, base_filters=4, dropout=0.3)),
         optim=OptimConfig(lr=3e-3, scheduler="cosine"),
         train=TrainConfig(**{"epochs": 4, "batch_size": 4, "seed": 3, "early_stop_patience": 0, **train}),
         compute=ComputeConfig(amp=False, channels_last=False),
@@ -446,6 +448,40 @@ def test_killed_and_resumed_fit_matches_an_uninterrupted_one(tmp_path, monkeypat
     assert "optimizer" not in best and best["config"] == cfg.to_dict()
 
 
+def _with_flat_model_keys(config: dict, **flat) -> dict:
+    """A saved config as ptxray wrote it before model.vanilla existed (model.depth, ...)."""
+    config = copy.deepcopy(config)
+    config["model"].update(config["model"].pop("vanilla"), **flat)
+    return config
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_resume_from_an_old_flat_config_reports_only_real_changes(tmp_path, caplog, changed):
+    cfg = small_config(epochs=2)
+    train_batches, val_batches = make_loaders()
+
+    def crash_after_epoch_0(epoch, metrics, checkpoint):
+        raise Crash("killed")
+
+    with pytest.raises(Crash):
+        fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=tmp_path, device="cpu", on_epoch_end=crash_after_epoch_0)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["config"] = _with_flat_model_keys(state["config"], **({"dropout": 0.1} if changed else {}))
+    assert "vanilla" not in state["config"]["model"] and state["config"]["model"]["depth"] == 2
+    save_checkpoint(last, state)
+
+    with caplog.at_level(logging.WARNING, logger="ptxray"), pytest.warns(FutureWarning, match=r"model\.depth -> model\.vanilla\.depth"):
+        resumed = fit(_new_model(cfg, 0), cfg, train_batches, val_batches, run_dir=tmp_path, device="cpu")
+    assert resumed.epochs_run == 2
+    reported = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+    if changed:
+        (message,) = reported
+        assert "'model.vanilla.dropout': 0.3" in message and "model.depth" not in message
+    else:
+        assert reported == []
+
+
 def test_fit_stops_early_and_a_resume_does_not_restart_it(tmp_path):
     # val_empty_dice depends on the labels only, so it never improves after epoch 0.
     cfg = small_config(epochs=10, monitor="val_empty_dice", early_stop_patience=2, early_stop_min_delta=0.0)
@@ -520,7 +556,7 @@ def test_fit_uses_channels_last_on_cpu_with_the_same_numbers(tmp_path):
     # compute.channels_last applies on CPU too (oneDNN's NHWC kernels train faster); it changes the
     # memory layout, not the maths: one epoch gives the same metrics as the NCHW run (without
     # dropout, whose random mask is drawn in memory order and so differs between layouts).
-    cfg = small_config(epochs=1).with_overrides({"model.dropout": 0.0})
+    cfg = small_config(epochs=1).with_overrides({"model.vanilla.dropout": 0.0})
     histories = {}
     for nhwc in (False, True):
         c = cfg.with_overrides({"compute.channels_last": nhwc})
@@ -588,7 +624,7 @@ def test_positive_reservoir_without_positives_or_below_the_natural_rate_changes_
 def test_train_epoch_skips_a_trailing_one_image_batch():
     """BatchNorm cannot train on a single sample: the last batch of 9 images at batch 4 is skipped."""
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(base_filters=4, depth=2), preprocess=PreprocessConfig(image_size_px=32))
+    cfg = Config(model=ModelConfig(vanilla=VanillaUNetConfig(base_filters=4, depth=2)), preprocess=PreprocessConfig(image_size_px=32))
     model = build_model(cfg.model)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (9, 3, 32, 32), dtype=np.uint8)
@@ -640,7 +676,7 @@ def test_device_augmentation_needs_uint8_batches_and_relabels_after_augmenting()
 def test_fit_with_device_augmentation_trains_and_a_seed_reproduces_it(tmp_path):
     from ptxray.augment import build_device_augment
 
-    cfg = small_config(epochs=2).with_overrides({"model.dropout": 0.0, "model.cls_dropout": 0.0})
+    cfg = small_config(epochs=2).with_overrides({"model.vanilla.dropout": 0.0, "model.cls_dropout": 0.0})
     images, masks = synth_images(8, 32, seed=5)
 
     def train_batches(epoch, rng):

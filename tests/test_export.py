@@ -42,7 +42,7 @@ SOURCE = SAMPLES / f"{POSITIVE_ID}.dcm"
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
-VANILLA = ["model.arch=unet_vanilla", "model.depth=2", "model.base_filters=4"]
+VANILLA = ["model.arch=unet_vanilla", "model.vanilla.depth=2", "model.vanilla.base_filters=4"]
 SMP_UNET = ["model.arch=unet", "model.encoder=resnet18", "model.encoder_weights=none"]
 
 

@@ -41,3 +41,22 @@ def test_import_ptxray_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_function_is_over_100_lines():
+    """Long functions were split into named parts (issue 15); this keeps them that way. Counted
+    from the `def` line (decorators excluded) to the function's last line, docstring included."""
+    import ast
+
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert len(list(PKG.rglob("*.py"))) > 30  # the walk saw the package, subpackages included
+    assert long == [], "split these into named parts: " + "; ".join(long)

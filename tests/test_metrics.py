@@ -261,3 +261,83 @@ def test_dice_cls_empties_the_mask_where_the_classifier_says_negative():
     m2 = SegMetrics()
     m2.update(seg_logits, cls_logits2, true, label)
     assert m2.compute()["val_dice_cls"] == pytest.approx(1.0)
+
+
+# ---- the metric registry ----------------------------------------------------------------------
+
+
+def _hand_metrics() -> SegMetrics:
+    metrics = SegMetrics()
+    pred = _masks(*[c[0] for c in CASES])
+    true = _masks(*[c[1] for c in CASES])
+    labels = true.flatten(1).amax(1, keepdim=True)
+    metrics.update(pred * 20 - 10, torch.linspace(-3, 3, len(CASES)).reshape(-1, 1), true, labels)
+    return metrics
+
+
+def test_every_registered_metric_is_computed_and_every_view_names_only_registered_metrics():
+    from ptxray import summary
+    from ptxray.benchmark import result_columns
+    from ptxray.metrics import benchmark_metrics, registered_metrics, summary_metrics, summary_titles
+
+    computed = _hand_metrics().compute()
+    names = [m.name for m in registered_metrics()]
+    assert list(computed) == [f"val_{n}" for n in names]
+    assert all(isinstance(v, float) for v in computed.values())
+    assert set(summary_metrics()) <= set(computed) and set(benchmark_metrics()) <= set(computed)
+    assert len(summary_titles()) == len(summary_metrics())
+    # The views keep the orders their files have always had (summary.json/csv, results.csv, log line).
+    assert summary_metrics() == ("val_dice", "val_dice_cls", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice")
+    assert summary_titles() == ("Dice", "Dice cls-gated", "Dice pos.", "IoU", "AUC", "empty baseline")
+    expected_bench = ("val_dice", "val_dice_pos", "val_iou", "val_auc", "val_empty_dice", "val_dice_cls", "val_n_images", "val_n_positive")
+    assert benchmark_metrics() == expected_bench
+    columns = result_columns()
+    start = columns.index("train_seconds") + 1
+    assert columns[start : start + len(expected_bench)] == expected_bench and columns[start + len(expected_bench)] == "device"
+    rows = summary.summarize(
+        [summary.TrialRecord("t", {}, 0, "TERMINATED", [{**computed, "epoch": 0}])],
+        metric="val_dice", mode="max", num_folds=1, max_epochs=1,
+    )["rows"]  # fmt: skip
+    assert [k for k in rows[0] if k.endswith("_mean")] == [f"{m}_mean" for m in summary_metrics()]
+
+
+def test_epoch_log_text_keeps_its_layout():
+    from ptxray.metrics import format_epoch_metrics
+
+    values = {"val_dice": 0.5, "val_dice_cls": 0.25, "val_empty_dice": 0.125, "val_dice_pos": float("nan"), "val_auc": 0.75}
+    assert format_epoch_metrics(values) == "val_dice 0.5000 (cls-gated 0.2500, empty 0.1250, pos nan, auc 0.750)"
+
+
+def test_a_new_metric_reaches_compute_summary_benchmark_and_log(monkeypatch):
+    from ptxray import metrics as m
+    from ptxray.benchmark import result_columns
+
+    monkeypatch.setattr(m, "_METRICS", dict(m._METRICS))
+    monkeypatch.setattr(m, "_SUMS", dict(m._SUMS))
+    m.register_sum("n_big", lambda b: (b.iou > 0.4).sum(dtype=torch.float64))
+    m.register_metric("big_share", m.ratio("n_big", "n_images"), summary=6, title="big", benchmark=8, log=m.LogField(5, "big"))
+    computed = _hand_metrics().compute()
+    iou = torch.tensor([c[3] for c in CASES], dtype=torch.float64)
+    assert computed["val_big_share"] == pytest.approx(float((iou > 0.4).double().mean()))
+    assert m.summary_metrics()[-1] == "val_big_share" and m.summary_titles()[-1] == "big"
+    assert "val_big_share" in result_columns()
+    assert m.format_epoch_metrics(computed).endswith(f", big {computed['val_big_share']:.4f})")
+
+
+def test_registering_a_metric_without_an_implementation_fails(monkeypatch):
+    from ptxray import metrics as m
+
+    monkeypatch.setattr(m, "_METRICS", dict(m._METRICS))
+    with pytest.raises(TypeError, match="compute must be callable"):
+        m.register_metric("nothing", None)
+    with pytest.raises(KeyError, match="unknown sum"):
+        m.register_metric("ghost", m.ratio("ghost_sum", "n_images"))
+    with pytest.raises(KeyError, match="unknown sum"):
+        m.total("ghost_count")
+    with pytest.raises(ValueError, match="already registered"):
+        m.register_metric("dice", m.ratio("dice_sum", "n_images"))
+    with pytest.raises(ValueError, match="summary position 0 is taken by 'dice'"):
+        m.register_metric("other", m.ratio("dice_sum", "n_images"), summary=0, title="other")
+    with pytest.raises(ValueError, match="needs a title"):
+        m.register_metric("untitled", m.ratio("dice_sum", "n_images"), summary=9)
+    assert "nothing" not in m._METRICS and "ghost" not in m._METRICS

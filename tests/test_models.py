@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ptxray.config import Config, ModelConfig
+from ptxray.config import Config, ModelConfig, VanillaUNetConfig
 from ptxray.models import available_architectures, build_model, capabilities, count_parameters, describe_architecture
 from ptxray.models.weights import adapt_first_conv
 
@@ -33,8 +33,13 @@ def _modest_threads():
     torch.set_num_threads(saved)
 
 
+_VANILLA_KEYS = {f.name for f in dataclasses.fields(VanillaUNetConfig)}
+
+
 def cfg(**overrides) -> ModelConfig:
-    return dataclasses.replace(BASE, **overrides)
+    """BASE with overrides; the unet_vanilla settings go to their nested model.vanilla."""
+    vanilla = {k: overrides.pop(k) for k in list(overrides) if k in _VANILLA_KEYS}
+    return dataclasses.replace(BASE, vanilla=dataclasses.replace(BASE.vanilla, **vanilla), **overrides)
 
 
 # (arch, encoder, input px). Every registered architecture appears at least once.

@@ -206,7 +206,7 @@ def test_demo_stopped_by_sigint_then_sigterm_leaves_nothing_running_and_resumes(
     to the end. After each stop no process of that head or its job runs (by pid: the GCS, the
     raylet, workers, the job driver, `ray job submit`); each run resumes the experiment: fold 0,
     finished in the second run, is not re-run, and each fold continues from its checkpoint."""
-    from ptxray.ray_tune import DEBUG_ENV
+    from ptxray.cli import DEBUG_ENV
 
     work, debug = tmp_path / "demo", tmp_path / "debug"
     exp = work / "runs" / "kfold"
@@ -214,7 +214,7 @@ def test_demo_stopped_by_sigint_then_sigterm_leaves_nothing_running_and_resumes(
     cmd = [ptxray_exe, "demo", "--workdir", str(work), "--n", "24", "--config", "smoke", "--max-concurrent-trials", "1"]
     # train.monitor=epoch: every epoch is a new best and writes best.pt, so the final report never
     # depends on which epoch was best (a best epoch before a stop is issue 18's, not this test's).
-    for o in ("data.num_folds=2", "train.epochs=2", "compute.num_workers=0", "model.base_filters=8",
+    for o in ("data.num_folds=2", "train.epochs=2", "compute.num_workers=0", "model.vanilla.base_filters=8",
               "search.early_stop=false", "train.monitor=epoch"):
         cmd += ["--set", o]
 
@@ -434,13 +434,13 @@ def test_kfold_job_driver_killed_then_resubmitted_resumes_without_rerunning(loca
     from its checkpoint without repeating epoch 0."""
     import psutil
 
-    from ptxray.ray_tune import DEBUG_ENV
+    from ptxray.cli import DEBUG_ENV
 
     runs, debug = tmp_path / "runs", tmp_path / "debug"
     cmd = (
         f"python jobs/kfold.py --config smoke --images {synth_dataset / 'dicom-images-train'} "
         f"--labels {synth_dataset / 'train-rle.csv'} --cache {tmp_path / 'cache'} --name resume "
-        f"--max-concurrent-trials 2 --set compute.storage_path={runs} --set train.epochs=3 --set model.base_filters=8"
+        f"--max-concurrent-trials 2 --set compute.storage_path={runs} --set train.epochs=3 --set model.vanilla.base_filters=8"
     )
     hooks = {"env_vars": {DEBUG_ENV: json.dumps({"debug_dir": str(debug), "fold": 1, "hold_after_epoch": 0})}}
     repo = Path(__file__).resolve().parents[1]

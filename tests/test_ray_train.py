@@ -40,7 +40,7 @@ def cache_64px(ray_local, synth_dataset, tmp_path_factory):
 def _cfg(**overrides):
     # cpus_per_worker=0: the local Ray has 2 CPUs and Ray Data's read tasks need one (see
     # ray_train.worker_resources). base_filters=8 keeps the U-Net quick at 64 px.
-    base = {"model.base_filters": 8, "compute.cpus_per_worker": 0, "train.fold": 0, "optim.lr": 1e-3}
+    base = {"model.vanilla.base_filters": 8, "compute.cpus_per_worker": 0, "train.fold": 0, "optim.lr": 1e-3}
     return load_config("smoke", {**base, **overrides})
 
 

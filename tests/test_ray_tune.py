@@ -37,7 +37,7 @@ def test_kfold_grid_with_per_fold_asha_stops_a_bad_config(ray_local, smoke_cache
         "smoke",
         {
             "compute.num_workers": num_workers,
-            "model.base_filters": 8,
+            "model.vanilla.base_filters": 8,
             "train.epochs": 3,
             "train.batch_size": 4,
             "train.early_stop_patience": 0,
@@ -109,7 +109,7 @@ def test_killed_trial_that_trains_itself_resumes_from_its_tune_checkpoint(ray_lo
         {
             "compute.num_workers": 0,
             "compute.max_failures": 1,
-            "model.base_filters": 8,
+            "model.vanilla.base_filters": 8,
             "train.epochs": 3,
             # Only epoch 0 counts as an improvement: the best epoch comes before the kill, and the
             # resumed epochs never beat it, so no checkpoint written after the resume saves a best.pt.
@@ -183,7 +183,7 @@ def test_experiment_on_s3_then_rerun_reuses_finished_trials(ray_local, moto_s3, 
         "smoke",
         {
             "compute.num_workers": num_workers,
-            "model.base_filters": 8,
+            "model.vanilla.base_filters": 8,
             "train.epochs": 1,
             "augment.recipe": "none",
             "compute.storage_path": f"s3://{bucket}/runs",

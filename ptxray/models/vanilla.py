@@ -28,6 +28,8 @@ logit. L1/L2 weight penalties are the loss's job (ptxray.losses.weight_penalty);
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -153,20 +155,20 @@ class VanillaUNet(nn.Module):
 def _check_args(depth, base_filters, filter_growth, kernel_size, dilation, stride, initializer, dropout, cls_dropout):
     problems = []
     if not 1 <= depth <= 8:
-        problems.append(f"model.depth={depth}: expected 1..8 pooling blocks (the paper uses 4-5)")
+        problems.append(f"model.vanilla.depth={depth}: expected 1..8 pooling blocks (the paper uses 4-5)")
     if base_filters < 1:
-        problems.append(f"model.base_filters={base_filters}: must be >= 1")
+        problems.append(f"model.vanilla.base_filters={base_filters}: must be >= 1")
     if filter_growth <= 0:
-        problems.append(f"model.filter_growth={filter_growth}: must be > 0")
+        problems.append(f"model.vanilla.filter_growth={filter_growth}: must be > 0")
     if kernel_size < 1 or kernel_size % 2 == 0:
-        problems.append(f"model.kernel_size={kernel_size}: must be odd (same padding keeps sizes)")
+        problems.append(f"model.vanilla.kernel_size={kernel_size}: must be odd (same padding keeps sizes)")
     if dilation < 1:
-        problems.append(f"model.dilation={dilation}: must be >= 1")
+        problems.append(f"model.vanilla.dilation={dilation}: must be >= 1")
     if stride < 1:
-        problems.append(f"model.stride={stride}: must be >= 1")
+        problems.append(f"model.vanilla.stride={stride}: must be >= 1")
     if initializer not in _INITIALIZERS:
-        problems.append(f"model.initializer={initializer!r}: choose from {sorted(_INITIALIZERS)}")
-    for name, rate in (("dropout", dropout), ("cls_dropout", cls_dropout)):
+        problems.append(f"model.vanilla.initializer={initializer!r}: choose from {sorted(_INITIALIZERS)}")
+    for name, rate in (("vanilla.dropout", dropout), ("cls_dropout", cls_dropout)):
         if not 0 <= rate < 1:
             problems.append(f"model.{name}={rate}: must be in [0, 1)")
     if problems:
@@ -175,16 +177,4 @@ def _check_args(depth, base_filters, filter_growth, kernel_size, dilation, strid
 
 @register("unet_vanilla", has_encoder=False)
 def build_vanilla_unet(cfg: ModelConfig) -> VanillaUNet:
-    return VanillaUNet(
-        in_channels=cfg.in_channels,
-        depth=cfg.depth,
-        base_filters=cfg.base_filters,
-        filter_growth=cfg.filter_growth,
-        kernel_size=cfg.kernel_size,
-        dilation=cfg.dilation,
-        stride=cfg.stride,
-        initializer=cfg.initializer,
-        dropout=cfg.dropout,
-        batch_norm=cfg.batch_norm,
-        cls_dropout=cfg.cls_dropout,
-    )
+    return VanillaUNet(in_channels=cfg.in_channels, cls_dropout=cfg.cls_dropout, **dataclasses.asdict(cfg.vanilla))
