@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
@@ -290,16 +290,9 @@ def make_channels(
 
 def channels_from_config(image: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
     """`make_channels` with the settings of a `PreprocessConfig` (uint8 (C, size, size), in `out` if given)."""
-    return make_channels(
-        image,
-        cfg.channels,
-        cfg.image_size_px,
-        clahe_clip_limit=cfg.clahe_clip_limit,
-        clahe_tile_grid=cfg.clahe_tile_grid,
-        ahe_tile_grid=cfg.ahe_tile_grid,
-        beasf_gamma=cfg.beasf_gamma,
-        out=out,
-    )
+    # ChannelSettings' fields are PreprocessConfig's enhancement settings, under the same names.
+    settings = {f.name: getattr(cfg, f.name) for f in fields(ChannelSettings)}
+    return make_channels(image, cfg.channels, cfg.image_size_px, out=out, **settings)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
