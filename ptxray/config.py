@@ -361,6 +361,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | None) -
     moved = {key: MOVED_KEYS[key] for key in overrides if key in MOVED_KEYS}
     if moved:
         _moved_warning("overrides", moved)
+        for old, new in moved.items():
+            if new in overrides and overrides[new] != overrides[old]:
+                raise ConfigError(f"overrides: {old}={overrides[old]!r} and {new}={overrides[new]!r} disagree; keep only the second")
         overrides = {MOVED_KEYS.get(key, key): value for key, value in overrides.items()}
     data = cfg.to_dict()
     for key, value in overrides.items():

@@ -102,3 +102,8 @@ def test_old_flat_vanilla_keys_load_with_a_warning_naming_the_new_keys(tmp_path)
     both.write_text("model:\n  depth: 4\n  vanilla:\n    depth: 5\n")
     with pytest.raises(ConfigError, match=r"both\.yaml: model\.depth=4 and model\.vanilla\.depth=5 disagree"):
         load_config(both)
+    # The same through --set: given both ways with different values is an error, not "the last wins".
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"overrides: model\.depth=4 and model\.vanilla\.depth=5 disagree"):
+        load_config(nested, ["model.depth=4", "model.vanilla.depth=5"])
+    with pytest.warns(FutureWarning):
+        assert load_config(nested, ["model.depth=4", "model.vanilla.depth=4"]).model.vanilla.depth == 4
