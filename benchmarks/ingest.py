@@ -33,7 +33,11 @@ throughput, and driver memory against dataset size.
    the number of images. `task_body_cpu_ms_per_image`: one prepare task's whole body (read,
    decode, preprocess, masks, Arrow table, Parquet write) in this process without Ray, and
    `parallel_efficiency` = images/s / (CPUs / that): the share that the Ray wiring, the driver and
-   Ray's own processes leave of what the cores could do running the task body alone.
+   Ray's own processes leave of what the cores could do running the task body alone (its Parquet
+   file is rewritten each time, so it does not count the next cost). `of_which_kernel_cpu_seconds`:
+   the system part of `cpu_seconds`. `machine.page_cache_write_cpu_ms_per_mb`: the CPU per MB of
+   a new file against a rewritten one, in this process (see `page_cache_cpu_ms_per_mb`); times
+   `cache_mb_per_image`, what the cache's growth in the page cache costs each image here.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ def reduced_vs_full(blobs: list[bytes]) -> dict:
 
 
 PREPARE_CHILD = r"""
-import json, os, resource, sys, time
+import json, os, pathlib, resource, sys, time
 import psutil
 from ptxray import ray_data
 from ptxray.config import load_config
@@ -190,13 +194,13 @@ me = psutil.Process()
 
 def cpu_by_process():
     # Every process of the embedded Ray is a descendant of this driver (GCS, raylet, dashboard,
-    # workers): their user + system CPU seconds, keyed by pid, with what they are.
+    # workers): their user + system CPU seconds and system alone, keyed by pid, with what they are.
     out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
             name = "driver" if p.pid == me.pid else " ".join(p.cmdline()[:1]).rsplit("/", 1)[-1]
-            out[p.pid] = (name, t.user + t.system)
+            out[p.pid] = (name, t.user + t.system, t.system)
         except psutil.Error:
             pass
     return out
@@ -206,12 +210,16 @@ t = time.perf_counter()
 s = ray_data.prepare(cfg, images=data + "/dicom-images-train", labels=data + "/train-rle.csv", cache=cache)
 dt = time.perf_counter() - t
 after = cpu_by_process()
-groups = {}
-for pid, (name, cpu) in after.items():
+groups, kernel = {}, {}
+for pid, (name, cpu, sys_cpu) in after.items():
     group = "driver" if name == "driver" else "ray_workers" if name.startswith("ray::") else "ray_system"
-    groups[group] = groups.get(group, 0.0) + cpu - before.get(pid, (name, 0.0))[1]
+    groups[group] = groups.get(group, 0.0) + cpu - before.get(pid, (name, 0.0, 0.0))[1]
+    kernel[group] = kernel.get(group, 0.0) + sys_cpu - before.get(pid, (name, 0.0, 0.0))[2]
+cache_bytes = sum(f.stat().st_size for f in pathlib.Path(cache).rglob("*.parquet"))
 print(json.dumps({"images": s["images"], "seconds": round(dt, 2), "images_per_s": round(s["images"] / dt, 1),
                   "cpu_seconds": {k: round(v, 2) for k, v in sorted(groups.items())},
+                  "of_which_kernel_cpu_seconds": {k: round(v, 2) for k, v in sorted(kernel.items())},
+                  "cache_mb_per_image": round(cache_bytes / 1e6 / s["images"], 3),
                   "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
@@ -241,6 +249,34 @@ def task_body_cpu_ms(data: Path, size: int, chunks: int = 4, per_task: int = 64)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return statistics.median(ms[1:])
+
+
+def page_cache_cpu_ms_per_mb(workdir: Path, files: int = 12, mb: int = 48) -> dict:
+    """CPU ms (this process, user + kernel) per MB written to the page cache, as `files` new files
+    of `mb` MB (one prepare task's Parquet file each at 512 px), then as the same files rewritten
+    (truncated and written again: the kernel reuses the pages just freed); the median over files.
+    A virtual machine that hands freed memory back to its host pays again on the first touch of
+    memory it had not used lately: on this project's 2-core VMs (free page reporting to the host),
+    memory freed 3 s earlier was still cheap and memory freed 10 s earlier was not; a new file
+    cost ~2.8 ms per MB and a rewritten one ~0.3. Prepare's output is new page cache (the cache
+    stays in memory for training to read), ~0.8 MB per image at 512 px. The wait first lets what
+    earlier steps freed go back to the host, as it has on a machine that ran anything else before."""
+    time.sleep(15)
+    block = np.random.default_rng(0).integers(0, 256, mb * 1_000_000, dtype=np.uint8).tobytes()
+    folder = Path(tempfile.mkdtemp(prefix="page-cache-", dir=workdir))
+    out = {}
+    try:
+        for phase in ("new_files", "rewritten_files"):
+            ms = []
+            for i in range(files):
+                c = time.process_time()
+                with open(folder / f"{i}.bin", "wb", buffering=0) as f:
+                    f.write(block)
+                ms.append((time.process_time() - c) * 1e3 / mb)
+            out[phase] = round(statistics.median(ms), 3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def pipeline(n: int, workdir: Path, size: int, cpus: int, per_image_cpu_ms: float) -> dict:
@@ -310,6 +346,8 @@ def main() -> None:
     # The per-image CPU cost the pipeline's efficiency is measured against: the synthetic 1024 px
     # files, like the pipeline's, read at half scale and preprocessed to 512 px.
     per_image_ms = result["per_image"]["synthetic"]["cpu_ms"]["ptxray"]
+    if args.sizes:
+        result["machine"]["page_cache_write_cpu_ms_per_mb"] = page_cache_cpu_ms_per_mb(workdir)
     result["pipeline"] = [
         dict(n=n, repeat=r, cpus=args.cpus, per_image_cpu_ms=per_image_ms, **pipeline(n, workdir, args.cache_size, args.cpus, per_image_ms))
         for n in args.sizes for r in range(args.pipeline_repeats)
