@@ -213,8 +213,9 @@ after = cpu_by_process()
 groups, kernel = {}, {}
 for pid, (name, cpu, sys_cpu) in after.items():
     group = "driver" if name == "driver" else "ray_workers" if name.startswith("ray::") else "ray_system"
-    groups[group] = groups.get(group, 0.0) + cpu - before.get(pid, (name, 0.0, 0.0))[1]
-    kernel[group] = kernel.get(group, 0.0) + sys_cpu - before.get(pid, (name, 0.0, 0.0))[2]
+    _, cpu_before, sys_before = before.get(pid, (name, 0.0, 0.0))
+    groups[group] = groups.get(group, 0.0) + cpu - cpu_before
+    kernel[group] = kernel.get(group, 0.0) + sys_cpu - sys_before
 cache_bytes = sum(f.stat().st_size for f in pathlib.Path(cache).rglob("*.parquet"))
 print(json.dumps({"images": s["images"], "seconds": round(dt, 2), "images_per_s": round(s["images"] / dt, 1),
                   "cpu_seconds": {k: round(v, 2) for k, v in sorted(groups.items())},
